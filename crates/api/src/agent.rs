@@ -1,0 +1,104 @@
+//! The agent protocol: how a host joins, reports, and learns what it should
+//! run. The controller sends the host's whole desired state stamped with a
+//! generation; the agent persists it before acting and reports the
+//! generation it has applied.
+
+use crate::{HostLoad, HypervisorInfo, ImageFormat, PowerState, Resources};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterHost {
+    pub join_token: String,
+    pub name: String,
+    pub zone: String,
+    /// Base URL of the agent's own HTTP endpoint.
+    pub address: String,
+    /// Secret the controller presents when it calls the agent.
+    pub agent_secret: String,
+    pub capacity: Resources,
+    pub hypervisor: HypervisorInfo,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterHostResponse {
+    pub host_id: Uuid,
+    /// Bearer token for the agent's calls from now on.
+    pub host_token: String,
+}
+
+/// What the agent observes of one guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservedState {
+    /// Disk being prepared or QEMU starting.
+    Starting,
+    Running,
+    /// Powering down (ACPI) but not gone yet.
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    pub id: Uuid,
+    pub state: ObservedState,
+    /// Reboot requests carried out (compare `VmSpec::reboots`).
+    pub reboots: u64,
+    #[serde(default)]
+    pub cpu_percent: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    pub load: HostLoad,
+    pub applied_generation: u64,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    /// Generation of the host's desired state; fetch it when it is newer
+    /// than the one applied.
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageRef {
+    pub id: Uuid,
+    pub sha256: String,
+    pub format: ImageFormat,
+    pub size_bytes: u64,
+}
+
+/// One VM as the host should run it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub id: Uuid,
+    pub name: String,
+    pub size: Resources,
+    pub image: ImageRef,
+    pub power: PowerState,
+    pub reboots: u64,
+}
+
+/// Everything a host should run, as of one generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DesiredState {
+    pub host_id: Uuid,
+    pub generation: u64,
+    pub vms: Vec<VmSpec>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+pub struct DesiredQuery {
+    /// Wait (up to `wait_seconds`) until the generation is newer than this.
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub wait_seconds: Option<u64>,
+}

@@ -1,0 +1,56 @@
+//! kumo's public REST types: the resources served under `/v1`, the requests
+//! that create or change them, the agent protocol, and the one error body.
+//!
+//! Everything here is plain data shared by the controller (`kumod`), the
+//! agent, the client and the CLI; the OpenAPI document is derived from it.
+
+mod agent;
+mod error;
+mod resources;
+
+pub use agent::*;
+pub use error::*;
+pub use resources::*;
+
+/// The project every resource belongs to until multi-tenancy arrives.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// Check a resource name: 1–63 characters, lowercase letters, digits and
+/// `-`, starting with a letter (a valid hostname label, since VM names become
+/// guest hostnames).
+pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{name:?} is not a valid name: use 1-63 lowercase letters, digits and '-', \
+                 starting with a letter and not ending with '-'"
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "web-1", "mail2"] {
+            assert!(validate_name("name", good).is_ok(), "{good}");
+        }
+        for bad in ["", "1abc", "Web", "a_b", "a-", &"a".repeat(64)] {
+            let err = validate_name("name", bad).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("name"));
+        }
+    }
+}

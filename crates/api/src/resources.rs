@@ -1,0 +1,299 @@
+//! The resources served under `/v1`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+/// CPU, memory and disk: a host's capacity, what is allocated on it, or a
+/// VM's size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+impl Resources {
+    pub fn fits_in(&self, free: &Resources) -> bool {
+        self.vcpus <= free.vcpus && self.memory_mib <= free.memory_mib && self.disk_gib <= free.disk_gib
+    }
+
+    pub fn saturating_sub(&self, other: &Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus.saturating_sub(other.vcpus),
+            memory_mib: self.memory_mib.saturating_sub(other.memory_mib),
+            disk_gib: self.disk_gib.saturating_sub(other.disk_gib),
+        }
+    }
+
+    pub fn add(&self, other: &Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus + other.vcpus,
+            memory_mib: self.memory_mib + other.memory_mib,
+            disk_gib: self.disk_gib + other.disk_gib,
+        }
+    }
+}
+
+/// An availability zone: a site, a campus, a rack — hosts that fail together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Zone {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub description: String,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateZone {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Where a host stands, as the controller sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeats arrive; the host takes new VMs.
+    Ready,
+    /// Heartbeats stopped for longer than the down timeout.
+    Down,
+    /// An operator took the host out of placement; its VMs keep running.
+    Disabled,
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostState::Ready => "ready",
+            HostState::Down => "down",
+            HostState::Disabled => "disabled",
+        })
+    }
+}
+
+/// The hypervisor an agent found on its host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HypervisorInfo {
+    /// `qemu` or `sim`.
+    pub driver: String,
+    /// The QEMU version, for the qemu driver.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `kvm` when KVM works (tried, not assumed), else `tcg`; `none` for sim.
+    pub accel: String,
+}
+
+/// Load measured on a host, sent with every heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostLoad {
+    /// Busy share of all CPUs since the previous heartbeat, 0–100.
+    pub cpu_percent: f32,
+    pub memory_used_mib: u64,
+    pub load1: f32,
+}
+
+/// A server in the pool, running one kumo agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub zone: String,
+    pub state: HostState,
+    /// Where the controller reaches the agent (console).
+    pub address: String,
+    pub capacity: Resources,
+    /// Sum of the sizes of the VMs placed on the host.
+    pub allocated: Resources,
+    pub hypervisor: HypervisorInfo,
+    #[serde(default)]
+    pub load: Option<HostLoad>,
+    #[serde(default)]
+    pub last_heartbeat: Option<Millis>,
+    /// Generation of the desired state the controller holds for the host.
+    pub generation: u64,
+    /// Generation the agent last reported as applied.
+    pub applied_generation: u64,
+    pub vm_count: u32,
+    pub created_at: Millis,
+}
+
+/// Disk image formats kumo accepts (detected by `qemu-img info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+}
+
+impl ImageFormat {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+}
+
+/// A bootable disk image VMs are created from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub format: ImageFormat,
+    /// Bytes of the image file.
+    pub size_bytes: u64,
+    /// Size of the disk the image describes.
+    pub virtual_size_bytes: u64,
+    /// SHA-256 of the image file, hex.
+    pub sha256: String,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, IntoParams)]
+pub struct ImportImageParams {
+    /// Name of the new image.
+    pub name: String,
+}
+
+/// Whether the VM should be running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// The life of a VM as users see it; see the state machine in
+/// `kumod::app::vms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Placed on a host; the host has not reported it running yet.
+    Starting,
+    Running,
+    /// Shutting down: ACPI power button, then a hard stop after a timeout.
+    Stopping,
+    Stopped,
+    /// A reboot was asked for and the host has not carried it out yet.
+    Rebooting,
+    /// The guest could not be started or died; `message` says why.
+    Failed,
+    /// Its host is down, so nobody knows.
+    Unknown,
+    /// Deletion asked for; the host is tearing it down.
+    Deleting,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).expect("enum serializes");
+        f.write_str(s.as_str().unwrap_or("?"))
+    }
+}
+
+/// A virtual machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    /// Name of the image the VM boots from.
+    pub image: String,
+    pub image_id: Uuid,
+    pub size: Resources,
+    /// Zone of the VM's host.
+    pub zone: String,
+    /// The one host the VM lives on.
+    pub host: String,
+    pub host_id: Uuid,
+    pub state: VmState,
+    pub power: PowerState,
+    /// Reboots asked for so far; the host reboots the guest when the count
+    /// it has carried out is lower.
+    pub reboots: u64,
+    /// Last measured CPU use of the guest, percent of one CPU.
+    #[serde(default)]
+    pub cpu_percent: Option<f32>,
+    /// Why the VM is in its state, for `failed` and `unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateVm {
+    pub name: String,
+    /// Image name or id.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of the root disk; defaults to the image's virtual size rounded
+    /// up to whole GiB.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    /// Only hosts in this zone are considered.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Start the VM once created (default true).
+    #[serde(default)]
+    pub start: Option<bool>,
+}
+
+/// Something that happened, kept in an append-only log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub seq: u64,
+    pub time: Millis,
+    /// Dotted kind, e.g. `host.down`, `vm.created`.
+    pub kind: String,
+    /// `host/NAME`, `vm/NAME`, ...
+    pub resource: String,
+    pub project: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+pub struct EventQuery {
+    /// Only events with a sequence number greater than this.
+    #[serde(default)]
+    pub after: Option<u64>,
+    /// At most this many, the newest (default 100).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only events about this resource, e.g. `vm/web`.
+    #[serde(default)]
+    pub resource: Option<String>,
+}
+
+/// A secret that lets a new host join the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    pub id: Uuid,
+    /// The secret; shown only when the token is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    pub expires_at: Millis,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct CreateJoinToken {
+    /// Lifetime in seconds (default 86400, at most 30 days).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// The serial console output a guest has written so far.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleLog {
+    pub vm: String,
+    pub text: String,
+}

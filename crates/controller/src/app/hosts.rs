@@ -1,0 +1,366 @@
+//! Hosts: registration, heartbeats, desired state and monitoring.
+//!
+//! A host is `ready` while heartbeats arrive, `down` once none came for
+//! [`App::down_after`], `disabled` when an operator took it out of placement.
+//! Liveness lives in memory only: after a controller restart every host gets
+//! a fresh grace period instead of being declared down for the time the
+//! controller itself was away.
+
+use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventory};
+use crate::error::Result;
+use kumo_api::{
+    validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
+    HostState, HypervisorInfo, ImageRef, Millis, RegisterHost, RegisterHostResponse,
+    Resources, VmSpec, VmState, DEFAULT_PROJECT,
+};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+pub const PREFIX: &str = "hosts/";
+
+pub fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// What the store keeps of a host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub zone: String,
+    pub address: String,
+    pub capacity: Resources,
+    pub hypervisor: HypervisorInfo,
+    pub enabled: bool,
+    /// Bumped with every change to what the host should run.
+    pub generation: u64,
+    pub token_sha256: String,
+    pub agent_secret: String,
+    pub created_at: Millis,
+}
+
+/// What is known of a host only while the controller runs.
+#[derive(Clone, Debug)]
+pub struct HostLive {
+    pub last_seen: Instant,
+    pub last_heartbeat: Option<Millis>,
+    pub load: Option<HostLoad>,
+    pub applied_generation: u64,
+    pub down: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostEntry {
+    pub rec: HostRecord,
+    pub live: HostLive,
+}
+
+impl HostEntry {
+    pub fn new(rec: HostRecord) -> Self {
+        HostEntry {
+            rec,
+            live: HostLive {
+                last_seen: Instant::now(),
+                last_heartbeat: None,
+                load: None,
+                applied_generation: 0,
+                down: false,
+            },
+        }
+    }
+
+    pub fn state(&self) -> HostState {
+        if !self.rec.enabled {
+            HostState::Disabled
+        } else if self.live.down {
+            HostState::Down
+        } else {
+            HostState::Ready
+        }
+    }
+}
+
+impl Inventory {
+    /// Sum of the sizes of the VMs on a host, and how many there are.
+    pub fn allocated(&self, host: Uuid) -> (Resources, u32) {
+        self.vms
+            .values()
+            .filter(|v| v.host_id == host)
+            .fold((Resources::default(), 0), |(r, n), v| (r.add(&v.size), n + 1))
+    }
+
+    pub fn host_view(&self, h: &HostEntry) -> Host {
+        let (allocated, vm_count) = self.allocated(h.rec.id);
+        Host {
+            id: h.rec.id,
+            name: h.rec.name.clone(),
+            project: h.rec.project.clone(),
+            zone: h.rec.zone.clone(),
+            state: h.state(),
+            address: h.rec.address.clone(),
+            capacity: h.rec.capacity,
+            allocated,
+            hypervisor: h.rec.hypervisor.clone(),
+            load: h.live.load,
+            last_heartbeat: h.live.last_heartbeat,
+            generation: h.rec.generation,
+            applied_generation: h.live.applied_generation,
+            vm_count,
+            created_at: h.rec.created_at,
+        }
+    }
+
+    /// The host's whole desired state: every VM placed on it except those
+    /// being deleted.
+    pub fn desired_state(&self, h: &HostRecord) -> DesiredState {
+        let vms = self
+            .vms
+            .values()
+            .filter(|v| v.host_id == h.id && v.state != VmState::Deleting)
+            .filter_map(|v| {
+                let image = self.images.values().find(|i| i.id == v.image_id)?;
+                Some(VmSpec {
+                    id: v.id,
+                    name: v.name.clone(),
+                    size: v.size,
+                    image: ImageRef {
+                        id: image.id,
+                        sha256: image.sha256.clone(),
+                        format: image.format,
+                        size_bytes: image.size_bytes,
+                    },
+                    power: v.power,
+                    reboots: v.reboots,
+                })
+            })
+            .collect();
+        DesiredState {
+            host_id: h.id,
+            generation: h.generation,
+            vms,
+        }
+    }
+}
+
+impl App {
+    pub async fn host_list(&self) -> Vec<Host> {
+        let inv = self.inv.read().await;
+        inv.hosts.values().map(|h| inv.host_view(h)).collect()
+    }
+
+    pub async fn host_get(&self, name: &str) -> Result<Host> {
+        let inv = self.inv.read().await;
+        Ok(inv.host_view(lookup(&inv.hosts, "host", name)?))
+    }
+
+    /// Join a host, or let a known host (same name) join again: it keeps its
+    /// id and VMs and gets a new token.
+    pub async fn host_register(&self, req: RegisterHost) -> Result<RegisterHostResponse> {
+        validate_name("name", &req.name)?;
+        let mut inv = self.inv.write().await;
+        if !App::join_token_valid(&inv, &req.join_token) {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "join_token: unknown or expired join token; create one with `kumo host token create`",
+            )
+            .into());
+        }
+        if !inv.zones.contains_key(&req.zone) {
+            let known: Vec<_> = inv.zones.keys().cloned().collect();
+            return Err(ApiError::invalid(
+                "zone",
+                format!("unknown zone {:?}; known zones: {known:?}", req.zone),
+            )
+            .into());
+        }
+        if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
+            return Err(ApiError::invalid("capacity", "a host needs at least one CPU and some memory").into());
+        }
+        let token = random_secret();
+        let existing = inv.hosts.get(&req.name).map(|h| h.rec.clone());
+        if let Some(old) = &existing {
+            if old.zone != req.zone {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "zone: host {:?} is registered in zone {:?}; remove it before joining it to {:?}",
+                        req.name, old.zone, req.zone
+                    ),
+                )
+                .into());
+            }
+        }
+        let rec = HostRecord {
+            id: existing.as_ref().map_or_else(Uuid::new_v4, |o| o.id),
+            name: req.name.clone(),
+            project: DEFAULT_PROJECT.to_string(),
+            zone: req.zone,
+            address: req.address,
+            capacity: req.capacity,
+            hypervisor: req.hypervisor,
+            enabled: existing.as_ref().is_none_or(|o| o.enabled),
+            generation: existing.as_ref().map_or(1, |o| o.generation),
+            token_sha256: sha256_hex(&token),
+            agent_secret: req.agent_secret,
+            created_at: existing.as_ref().map_or_else(now_ms, |o| o.created_at),
+        };
+        let mut batch = Batch::default();
+        batch.put(key(&rec.name), &rec);
+        let (kind, what) = if existing.is_some() { ("host.rejoined", "rejoined") } else { ("host.joined", "joined") };
+        batch.event(
+            kind,
+            format!("host/{}", rec.name),
+            &rec.project,
+            format!(
+                "host {what} zone {} with {} CPUs, {} MiB, {} GiB ({} {})",
+                rec.zone,
+                rec.capacity.vcpus,
+                rec.capacity.memory_mib,
+                rec.capacity.disk_gib,
+                rec.hypervisor.driver,
+                rec.hypervisor.accel
+            ),
+        );
+        self.commit(&mut inv, batch).await?;
+        if let Some(old) = &existing {
+            inv.host_tokens.remove(&old.token_sha256);
+        }
+        inv.host_tokens.insert(rec.token_sha256.clone(), rec.name.clone());
+        let host_id = rec.id;
+        let generation = rec.generation;
+        match inv.hosts.get_mut(&rec.name) {
+            Some(entry) => entry.rec = rec,
+            None => {
+                inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
+            }
+        }
+        drop(inv);
+        self.publish_generation(host_id, generation);
+        Ok(RegisterHostResponse {
+            host_id,
+            host_token: token,
+        })
+    }
+
+    /// The host name a bearer token belongs to.
+    pub async fn host_for_token(&self, token: &str) -> Option<String> {
+        self.inv.read().await.host_tokens.get(&sha256_hex(token)).cloned()
+    }
+
+    /// Record a heartbeat: liveness and load in memory, VM states through
+    /// to the store when they change.
+    pub async fn host_heartbeat(&self, host: &str, hb: Heartbeat) -> Result<HeartbeatResponse> {
+        let mut inv = self.inv.write().await;
+        let entry = lookup(&inv.hosts, "host", host)?.clone();
+        let mut batch = Batch::default();
+        if entry.live.down {
+            batch.event("host.up", format!("host/{host}"), &entry.rec.project, "heartbeats resumed".into());
+        }
+        let applied = hb.applied_generation;
+        let reported = vms::reconcile_reported(&inv, &entry.rec, applied, &hb.vms, &mut batch);
+        self.commit(&mut inv, batch).await?;
+        self.apply_reported(&mut inv, host, &hb.vms, reported);
+        let e = inv.hosts.get_mut(host).expect("host looked up above");
+        e.live = super::hosts::HostLive {
+            last_seen: Instant::now(),
+            last_heartbeat: Some(now_ms()),
+            load: Some(hb.load),
+            applied_generation: applied,
+            down: false,
+        };
+        Ok(HeartbeatResponse {
+            generation: e.rec.generation,
+        })
+    }
+
+    /// The host's desired state; with `after`, wait up to `wait` for a
+    /// generation newer than it (long poll), so changes reach agents at once.
+    pub async fn host_desired(&self, host: &str, after: Option<u64>, wait: Duration) -> Result<DesiredState> {
+        let id = lookup(&self.inv.read().await.hosts, "host", host)?.rec.id;
+        if let Some(after) = after {
+            let mut rx = self.watch_generation(id);
+            let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g > after)).await;
+        }
+        let inv = self.inv.read().await;
+        let h = lookup(&inv.hosts, "host", host)?;
+        Ok(inv.desired_state(&h.rec))
+    }
+
+    pub async fn host_set_enabled(&self, name: &str, enabled: bool) -> Result<Host> {
+        let mut inv = self.inv.write().await;
+        let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        if rec.enabled != enabled {
+            rec.enabled = enabled;
+            let mut batch = Batch::default();
+            batch.put(key(name), &rec);
+            let (kind, msg) = if enabled {
+                ("host.enabled", "host enabled: takes new VMs")
+            } else {
+                ("host.disabled", "host disabled: takes no new VMs, its VMs keep running")
+            };
+            batch.event(kind, format!("host/{name}"), &rec.project, msg.into());
+            self.commit(&mut inv, batch).await?;
+            inv.hosts.get_mut(name).expect("looked up").rec = rec;
+        }
+        let h = lookup(&inv.hosts, "host", name)?;
+        Ok(inv.host_view(h))
+    }
+
+    pub async fn host_delete(&self, name: &str) -> Result<()> {
+        let mut inv = self.inv.write().await;
+        let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        let (_, count) = inv.allocated(rec.id);
+        if count > 0 {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("host {name:?} still has {count} VM(s); delete or move them first"),
+            )
+            .into());
+        }
+        let mut batch = Batch::default();
+        batch.delete(key(name));
+        batch.event("host.removed", format!("host/{name}"), &rec.project, "host removed from the pool".into());
+        self.commit(&mut inv, batch).await?;
+        inv.hosts.remove(name);
+        inv.host_tokens.remove(&rec.token_sha256);
+        Ok(())
+    }
+
+    /// Mark hosts whose heartbeats stopped as down, and their VMs unknown.
+    pub async fn host_check_liveness(&self) -> Result<()> {
+        let stale: Vec<String> = {
+            let inv = self.inv.read().await;
+            inv.hosts
+                .values()
+                .filter(|h| !h.live.down && h.live.last_seen.elapsed() > self.down_after)
+                .map(|h| h.rec.name.clone())
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.inv.write().await;
+        for name in stale {
+            let Some(entry) = inv.hosts.get(&name).cloned() else { continue };
+            if entry.live.last_seen.elapsed() <= self.down_after {
+                continue;
+            }
+            let mut batch = Batch::default();
+            batch.event(
+                "host.down",
+                format!("host/{name}"),
+                &entry.rec.project,
+                format!("no heartbeat for {:.1} s", entry.live.last_seen.elapsed().as_secs_f32()),
+            );
+            let changed = vms::mark_unknown(&inv, &entry.rec, &mut batch);
+            self.commit(&mut inv, batch).await?;
+            for vm in changed {
+                inv.vms.insert(vm.name.clone(), vm);
+            }
+            inv.hosts.get_mut(&name).expect("present").live.down = true;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! Join tokens: secrets that let a new host register itself.
+
+use super::{now_ms, random_secret, sha256_hex, App, Batch};
+use crate::error::Result;
+use kumo_api::{ApiError, CreateJoinToken, JoinToken, DEFAULT_PROJECT};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const PREFIX: &str = "join-tokens/";
+const DEFAULT_TTL_SECONDS: u64 = 86_400;
+const MAX_TTL_SECONDS: u64 = 30 * 86_400;
+
+/// A join token as stored: the secret itself only as a hash.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token: JoinToken,
+    pub sha256: String,
+}
+
+impl App {
+    pub async fn join_token_create(&self, req: CreateJoinToken) -> Result<JoinToken> {
+        let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS);
+        if ttl == 0 || ttl > MAX_TTL_SECONDS {
+            return Err(ApiError::invalid(
+                "ttl_seconds",
+                format!("{ttl} is out of range: use 1 to {MAX_TTL_SECONDS}"),
+            )
+            .into());
+        }
+        let secret = random_secret();
+        let now = now_ms();
+        let token = JoinToken {
+            id: Uuid::new_v4(),
+            token: None,
+            expires_at: now + ttl * 1000,
+            created_at: now,
+        };
+        let rec = TokenRecord {
+            token: token.clone(),
+            sha256: sha256_hex(&secret),
+        };
+        let mut inv = self.inv.write().await;
+        let mut batch = Batch::default();
+        batch.put(format!("{PREFIX}{}", token.id), &rec);
+        batch.event(
+            "join_token.created",
+            format!("join-token/{}", token.id),
+            DEFAULT_PROJECT,
+            format!("join token created, valid for {ttl} s"),
+        );
+        self.commit(&mut inv, batch).await?;
+        inv.join_tokens.insert(token.id, rec);
+        Ok(JoinToken {
+            token: Some(secret),
+            ..token
+        })
+    }
+
+    pub async fn join_token_list(&self) -> Vec<JoinToken> {
+        let inv = self.inv.read().await;
+        inv.join_tokens.values().map(|t| t.token.clone()).collect()
+    }
+
+    /// Whether `secret` is a join token that has not expired.
+    pub(crate) fn join_token_valid(inv: &super::Inventory, secret: &str) -> bool {
+        let hash = sha256_hex(secret);
+        let now = now_ms();
+        inv.join_tokens
+            .values()
+            .any(|t| t.sha256 == hash && t.token.expires_at > now)
+    }
+}

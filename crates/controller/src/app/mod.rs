@@ -1,0 +1,261 @@
+//! The application layer: every operation on kumo's resources, over an
+//! in-memory inventory that is written through to the store.
+//!
+//! All writes hold the inventory's write lock across the store transaction,
+//! so the store and the inventory change together or not at all; reads take
+//! the read lock and never touch the store. On start the inventory is loaded
+//! from the store, so a controller killed at any moment comes back with every
+//! host and VM it had committed.
+
+pub mod events;
+pub mod hosts;
+pub mod images;
+pub mod join_tokens;
+pub mod placement;
+pub mod vms;
+pub mod zones;
+
+use crate::error::Result;
+use crate::Config;
+use kumo_api::{Event, Image, Millis, Vm, Zone};
+use kumo_store::{Op, SqliteStore, Store};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, RwLock};
+use uuid::Uuid;
+
+pub use hosts::{HostEntry, HostRecord};
+pub use join_tokens::TokenRecord;
+
+/// Everything the controller knows, in memory.
+#[derive(Default)]
+pub struct Inventory {
+    pub zones: BTreeMap<String, Zone>,
+    pub hosts: BTreeMap<String, HostEntry>,
+    pub images: BTreeMap<String, Image>,
+    pub vms: BTreeMap<String, Vm>,
+    pub join_tokens: BTreeMap<Uuid, TokenRecord>,
+    /// Host name by SHA-256 of its bearer token.
+    pub host_tokens: HashMap<String, String>,
+    pub last_event: u64,
+}
+
+impl Inventory {
+    pub fn host_by_id(&self, id: Uuid) -> Option<&HostEntry> {
+        self.hosts.values().find(|h| h.rec.id == id)
+    }
+}
+
+/// A set of store writes and events that commit together.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+    events: Vec<(String, String, String, String)>,
+}
+
+impl Batch {
+    pub fn put<T: Serialize>(&mut self, key: String, value: &T) {
+        let value = serde_json::to_vec(value).expect("records serialize");
+        self.ops.push(Op::Put { key, value });
+    }
+
+    pub fn delete(&mut self, key: String) {
+        self.ops.push(Op::Delete { key });
+    }
+
+    pub fn event(&mut self, kind: &str, resource: String, project: &str, message: String) {
+        self.events
+            .push((kind.to_string(), resource, project.to_string(), message));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.events.is_empty()
+    }
+}
+
+pub struct App {
+    store: Arc<dyn Store>,
+    pub(crate) inv: RwLock<Inventory>,
+    data_dir: PathBuf,
+    admin_token: String,
+    pub down_after: Duration,
+    /// Per host: the latest desired-state generation, for agents waiting on it.
+    generations: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// Calls to agents (console).
+    pub(crate) agent_http: reqwest::Client,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn random_secret() -> String {
+    hex::encode(rand::random::<[u8; 24]>())
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+impl App {
+    pub async fn open(config: &Config) -> anyhow::Result<Arc<App>> {
+        std::fs::create_dir_all(config.data_dir.join("images"))?;
+        let admin_token = load_or_create_admin_token(&config.data_dir)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("state.db"))?);
+        let inv = load_inventory(store.as_ref()).await?;
+        let generations = inv
+            .hosts
+            .values()
+            .map(|h| (h.rec.id, watch::channel(h.rec.generation).0))
+            .collect();
+        Ok(Arc::new(App {
+            store,
+            inv: RwLock::new(inv),
+            data_dir: config.data_dir.clone(),
+            admin_token,
+            down_after: config.down_after,
+            generations: Mutex::new(generations),
+            agent_http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .build()?,
+            background: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub(crate) fn add_background(&self, task: tokio::task::JoinHandle<()>) {
+        self.background.lock().expect("lock").push(task);
+    }
+
+    pub(crate) fn stop_background(&self) {
+        for t in self.background.lock().expect("lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Commit a batch: events get their sequence numbers here, and the
+    /// inventory's event counter moves only if the store took the batch.
+    pub(crate) async fn commit(&self, inv: &mut Inventory, mut batch: Batch) -> Result<Vec<Event>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut seq = inv.last_event;
+        let time = now_ms();
+        let events: Vec<Event> = batch
+            .events
+            .drain(..)
+            .map(|(kind, resource, project, message)| {
+                seq += 1;
+                Event {
+                    seq,
+                    time,
+                    kind,
+                    resource,
+                    project,
+                    message,
+                }
+            })
+            .collect();
+        for e in &events {
+            tracing::info!(kind = %e.kind, resource = %e.resource, "{}", e.message);
+            batch.put(events::key(e.seq), e);
+        }
+        self.store.txn(Vec::new(), batch.ops, Vec::new()).await?;
+        inv.last_event = seq;
+        Ok(events)
+    }
+
+    pub(crate) fn publish_generation(&self, host: Uuid, generation: u64) {
+        let mut map = self.generations.lock().expect("lock");
+        map.entry(host)
+            .or_insert_with(|| watch::channel(generation).0)
+            .send_replace(generation);
+    }
+
+    pub(crate) fn watch_generation(&self, host: Uuid) -> watch::Receiver<u64> {
+        let mut map = self.generations.lock().expect("lock");
+        map.entry(host).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    pub(crate) fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+}
+
+fn load_or_create_admin_token(dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let token = random_secret();
+    let tmp = dir.join("admin-token.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
+    fn decode<T: serde::de::DeserializeOwned>(kv: &kumo_store::KeyValue) -> anyhow::Result<T> {
+        serde_json::from_slice(&kv.value).map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))
+    }
+    let mut inv = Inventory::default();
+    for kv in store.range(zones::PREFIX).await? {
+        let z: Zone = decode(&kv)?;
+        inv.zones.insert(z.name.clone(), z);
+    }
+    for kv in store.range(hosts::PREFIX).await? {
+        let rec: HostRecord = decode(&kv)?;
+        inv.host_tokens.insert(rec.token_sha256.clone(), rec.name.clone());
+        inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
+    }
+    for kv in store.range(images::PREFIX).await? {
+        let i: Image = decode(&kv)?;
+        inv.images.insert(i.name.clone(), i);
+    }
+    for kv in store.range(vms::PREFIX).await? {
+        let v: Vm = decode(&kv)?;
+        inv.vms.insert(v.name.clone(), v);
+    }
+    for kv in store.range(join_tokens::PREFIX).await? {
+        let t: TokenRecord = decode(&kv)?;
+        inv.join_tokens.insert(t.token.id, t);
+    }
+    if let Some(kv) = store.range(events::PREFIX).await?.last() {
+        let e: Event = decode(kv)?;
+        inv.last_event = e.seq;
+    }
+    Ok(inv)
+}
+
+/// Turn an optional value into `field: what` when it is missing.
+pub(crate) fn lookup<'a, T>(map: &'a BTreeMap<String, T>, kind: &str, name: &str) -> Result<&'a T> {
+    map.get(name)
+        .ok_or_else(|| kumo_api::ApiError::not_found(kind, name).into())
+}

@@ -1,0 +1,374 @@
+//! Virtual machines.
+//!
+//! The controller keeps each VM's *desired* power state and reboot count and
+//! derives the state users see from what the VM's one host reports:
+//!
+//! ```text
+//!              create
+//!                |
+//!                v         host reports running
+//!   +-------> starting ------------------------+
+//!   |            |  qemu failed                 v
+//!   |            +------------> failed      running <-----+
+//!   |  start                      |            |  |        | reset done
+//!   |                       start |      stop  |  | reboot |
+//!   |                             v            v  +--> rebooting
+//!   |                         starting     stopping
+//!   |                                          | ACPI shutdown, or hard
+//!   +----------------------- stopped <---------+ stop after the timeout
+//!
+//!   any state --delete--> deleting --host confirms it is gone--> (removed)
+//!   any state --host down--> unknown --host back--> derived again
+//! ```
+//!
+//! A VM is placed on exactly one host when it is created and stays there; the
+//! host's desired state (bumped generation) is committed in the same store
+//! transaction as the VM, so a controller killed in between loses nothing.
+
+use super::{hosts, lookup, now_ms, placement, App, Batch, Inventory};
+use crate::error::Result;
+use kumo_api::{
+    validate_name, ApiError, ConsoleLog, CreateVm, ErrorCode, ObservedState,
+    PowerState, Resources, Vm, VmState, VmStatus, DEFAULT_PROJECT,
+};
+use uuid::Uuid;
+
+pub const PREFIX: &str = "vms/";
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+const MAX_VCPUS: u32 = 128;
+const MIN_MEMORY_MIB: u64 = 32;
+const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+const MAX_DISK_GIB: u64 = 64 * 1024;
+const GIB: u64 = 1024 * 1024 * 1024;
+
+fn check_range(field: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<()> {
+    if value < min || value > max {
+        return Err(ApiError::invalid(field, format!("{value} is out of range: use {min} to {max}{unit}")).into());
+    }
+    Ok(())
+}
+
+/// The state users see, from the desired power state and the host's report.
+fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>) {
+    if vm.state == VmState::Deleting {
+        return (VmState::Deleting, None);
+    }
+    let observed = status.map(|s| s.state);
+    match vm.power {
+        PowerState::Running => match observed {
+            Some(ObservedState::Running) if status.is_some_and(|s| s.reboots < vm.reboots) => (VmState::Rebooting, None),
+            Some(ObservedState::Running) => (VmState::Running, None),
+            Some(ObservedState::Failed) => (VmState::Failed, status.and_then(|s| s.message.clone())),
+            _ => (VmState::Starting, None),
+        },
+        PowerState::Stopped => match observed {
+            Some(ObservedState::Running | ObservedState::Stopping | ObservedState::Starting) => (VmState::Stopping, None),
+            _ => (VmState::Stopped, None),
+        },
+    }
+}
+
+/// Work out what a heartbeat changes: VMs whose state moved (to store), and
+/// deleted VMs the host confirms gone (to remove).
+pub(super) struct Reported {
+    changed: Vec<Vm>,
+    removed: Vec<String>,
+    host_generation: Option<u64>,
+}
+
+pub(super) fn reconcile_reported(
+    inv: &Inventory,
+    host: &hosts::HostRecord,
+    applied: u64,
+    statuses: &[VmStatus],
+    batch: &mut Batch,
+) -> Reported {
+    let caught_up = applied >= host.generation;
+    let mut out = Reported {
+        changed: Vec::new(),
+        removed: Vec::new(),
+        host_generation: None,
+    };
+    for vm in inv.vms.values().filter(|v| v.host_id == host.id) {
+        let status = statuses.iter().find(|s| s.id == vm.id);
+        if vm.state == VmState::Deleting {
+            if caught_up && status.is_none() {
+                batch.delete(key(&vm.name));
+                batch.event("vm.deleted", format!("vm/{}", vm.name), &vm.project, format!("deleted from host {}", host.name));
+                out.removed.push(vm.name.clone());
+            }
+            continue;
+        }
+        let mut next = vm.clone();
+        // The guest powered itself off: the host has applied our latest
+        // wishes and the VM is down, so take that as the new desired state.
+        if caught_up
+            && vm.power == PowerState::Running
+            && vm.state == VmState::Running
+            && status.is_some_and(|s| s.state == ObservedState::Stopped)
+        {
+            next.power = PowerState::Stopped;
+            let generation = out.host_generation.unwrap_or(host.generation) + 1;
+            out.host_generation = Some(generation);
+        }
+        let (state, message) = derive_state(&next, status);
+        next.state = state;
+        next.message = message;
+        if next.state != vm.state || next.power != vm.power || next.message != vm.message {
+            let detail = next.message.clone().unwrap_or_else(|| format!("on host {}", host.name));
+            batch.event(&format!("vm.{}", next.state), format!("vm/{}", vm.name), &vm.project, detail);
+            batch.put(key(&vm.name), &Vm { cpu_percent: None, ..next.clone() });
+            out.changed.push(next);
+        }
+    }
+    if let Some(generation) = out.host_generation {
+        batch.put(hosts::key(&host.name), &hosts::HostRecord { generation, ..host.clone() });
+    }
+    out
+}
+
+impl App {
+    pub(super) fn apply_reported(&self, inv: &mut Inventory, host: &str, statuses: &[VmStatus], reported: Reported) {
+        for vm in reported.changed {
+            inv.vms.insert(vm.name.clone(), vm);
+        }
+        for name in reported.removed {
+            inv.vms.remove(&name);
+        }
+        for s in statuses {
+            if let Some(vm) = inv.vms.values_mut().find(|v| v.id == s.id) {
+                vm.cpu_percent = s.cpu_percent;
+            }
+        }
+        if let Some(generation) = reported.host_generation {
+            let entry = inv.hosts.get_mut(host).expect("host present");
+            entry.rec.generation = generation;
+            self.publish_generation(entry.rec.id, generation);
+        }
+    }
+}
+
+/// VMs on a host that just went down become `unknown`.
+pub(super) fn mark_unknown(inv: &Inventory, host: &hosts::HostRecord, batch: &mut Batch) -> Vec<Vm> {
+    let mut changed = Vec::new();
+    for vm in inv.vms.values().filter(|v| v.host_id == host.id && v.state != VmState::Deleting) {
+        let next = Vm {
+            state: VmState::Unknown,
+            message: Some(format!("host {} is down", host.name)),
+            cpu_percent: None,
+            ..vm.clone()
+        };
+        batch.put(key(&vm.name), &next);
+        changed.push(next);
+    }
+    if !changed.is_empty() {
+        batch.event(
+            "vm.unknown",
+            format!("host/{}", host.name),
+            &host.project,
+            format!("{} VM(s) on host {} are unknown while it is down", changed.len(), host.name),
+        );
+    }
+    changed
+}
+
+/// The VM's host record with its generation bumped, put into the batch.
+fn bump_generation(inv: &Inventory, host_id: Uuid, batch: &mut Batch) -> Result<hosts::HostRecord> {
+    let entry = inv
+        .host_by_id(host_id)
+        .ok_or_else(|| crate::Error::internal(format!("VM host {host_id} missing from inventory")))?;
+    let rec = hosts::HostRecord {
+        generation: entry.rec.generation + 1,
+        ..entry.rec.clone()
+    };
+    batch.put(hosts::key(&rec.name), &rec);
+    Ok(rec)
+}
+
+impl App {
+    pub async fn vm_list(&self) -> Vec<Vm> {
+        self.inv.read().await.vms.values().cloned().collect()
+    }
+
+    pub async fn vm_get(&self, name: &str) -> Result<Vm> {
+        Ok(lookup(&self.inv.read().await.vms, "vm", name)?.clone())
+    }
+
+    pub async fn vm_create(&self, req: CreateVm) -> Result<Vm> {
+        validate_name("name", &req.name)?;
+        check_range("vcpus", req.vcpus.into(), 1, MAX_VCPUS.into(), "")?;
+        check_range("memory_mib", req.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB")?;
+        let mut inv = self.inv.write().await;
+        if inv.vms.contains_key(&req.name) {
+            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("name: VM {:?} already exists", req.name)).into());
+        }
+        let image = inv
+            .images
+            .values()
+            .find(|i| i.name == req.image || i.id.to_string() == req.image)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<_> = inv.images.keys().cloned().collect();
+                ApiError::invalid("image", format!("unknown image {:?}; known images: {known:?}", req.image))
+            })?;
+        let min_disk = image.virtual_size_bytes.div_ceil(GIB).max(1);
+        let disk_gib = req.disk_gib.unwrap_or(min_disk);
+        check_range("disk_gib", disk_gib, min_disk, MAX_DISK_GIB, " GiB (the image needs at least its virtual size)")?;
+        if let Some(zone) = &req.zone {
+            if !inv.zones.contains_key(zone) {
+                let known: Vec<_> = inv.zones.keys().cloned().collect();
+                return Err(ApiError::invalid("zone", format!("unknown zone {zone:?}; known zones: {known:?}")).into());
+            }
+        }
+        let size = Resources {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib,
+        };
+        let host_name = placement::first_fit(&inv, &size, req.zone.as_deref())
+            .map_err(|why| ApiError::new(ErrorCode::NoValidHost, why))?;
+        let host = inv.hosts[&host_name].rec.clone();
+        let start = req.start.unwrap_or(true);
+        let vm = Vm {
+            id: Uuid::new_v4(),
+            name: req.name,
+            project: DEFAULT_PROJECT.to_string(),
+            image: image.name.clone(),
+            image_id: image.id,
+            size,
+            zone: host.zone.clone(),
+            host: host.name.clone(),
+            host_id: host.id,
+            state: if start { VmState::Starting } else { VmState::Stopped },
+            power: if start { PowerState::Running } else { PowerState::Stopped },
+            reboots: 0,
+            cpu_percent: None,
+            message: None,
+            created_at: now_ms(),
+        };
+        let mut batch = Batch::default();
+        batch.put(key(&vm.name), &vm);
+        let rec = bump_generation(&inv, host.id, &mut batch)?;
+        batch.event(
+            "vm.created",
+            format!("vm/{}", vm.name),
+            &vm.project,
+            format!("placed on host {} (zone {}) from image {}", host.name, host.zone, image.name),
+        );
+        self.commit(&mut inv, batch).await?;
+        inv.vms.insert(vm.name.clone(), vm.clone());
+        self.install_host(&mut inv, rec);
+        Ok(vm)
+    }
+
+    fn install_host(&self, inv: &mut Inventory, rec: hosts::HostRecord) {
+        let (id, generation) = (rec.id, rec.generation);
+        let name = rec.name.clone();
+        inv.hosts.get_mut(&name).expect("host present").rec = rec;
+        self.publish_generation(id, generation);
+    }
+
+    /// Change a VM's desired state and bump its host's generation.
+    async fn vm_change(&self, name: &str, verb: &str, change: impl FnOnce(&mut Vm) -> Result<()>) -> Result<Vm> {
+        let mut inv = self.inv.write().await;
+        let mut vm = lookup(&inv.vms, "vm", name)?.clone();
+        if vm.state == VmState::Deleting {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("VM {name:?} is being deleted")).into());
+        }
+        change(&mut vm)?;
+        let mut batch = Batch::default();
+        batch.put(key(name), &Vm { cpu_percent: None, ..vm.clone() });
+        let rec = bump_generation(&inv, vm.host_id, &mut batch)?;
+        batch.event(&format!("vm.{verb}"), format!("vm/{name}"), &vm.project, format!("{verb} requested"));
+        self.commit(&mut inv, batch).await?;
+        inv.vms.insert(vm.name.clone(), vm.clone());
+        self.install_host(&mut inv, rec);
+        Ok(vm)
+    }
+
+    pub async fn vm_start(&self, name: &str) -> Result<Vm> {
+        self.vm_change(name, "start", |vm| {
+            match (vm.power, vm.state) {
+                (PowerState::Running, VmState::Failed) => vm.reboots += 1,
+                (PowerState::Running, _) => {
+                    return Err(ApiError::new(ErrorCode::Conflict, format!("VM {:?} is already {}", vm.name, vm.state)).into())
+                }
+                (PowerState::Stopped, _) => vm.power = PowerState::Running,
+            }
+            vm.state = VmState::Starting;
+            vm.message = None;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn vm_stop(&self, name: &str) -> Result<Vm> {
+        self.vm_change(name, "stop", |vm| {
+            if vm.power == PowerState::Stopped {
+                return Err(ApiError::new(ErrorCode::Conflict, format!("VM {:?} is already {}", vm.name, vm.state)).into());
+            }
+            vm.power = PowerState::Stopped;
+            vm.state = VmState::Stopping;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn vm_reboot(&self, name: &str) -> Result<Vm> {
+        self.vm_change(name, "reboot", |vm| {
+            if vm.state != VmState::Running {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("VM {:?} is {}; only a running VM can be rebooted", vm.name, vm.state),
+                )
+                .into());
+            }
+            vm.reboots += 1;
+            vm.state = VmState::Rebooting;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
+        self.vm_change(name, "delete", |vm| {
+            vm.state = VmState::Deleting;
+            vm.message = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// What the guest has written to its serial console so far.
+    pub async fn vm_console_log(&self, name: &str) -> Result<ConsoleLog> {
+        let (vm, address, secret) = self.vm_agent(name).await?;
+        let url = format!("{address}/v1/vms/{}/console/log", vm.id);
+        let resp = self
+            .agent_http
+            .get(&url)
+            .bearer_auth(secret)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| ApiError::new(ErrorCode::HostUnavailable, format!("host {}: console log: {e}", vm.host)))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::HostUnavailable, format!("host {}: console log: {e}", vm.host)))?;
+        Ok(ConsoleLog { vm: vm.name, text })
+    }
+
+    /// The VM, its host's agent address and the secret to call it with.
+    pub async fn vm_agent(&self, name: &str) -> Result<(Vm, String, String)> {
+        let inv = self.inv.read().await;
+        let vm = lookup(&inv.vms, "vm", name)?.clone();
+        let host = inv
+            .host_by_id(vm.host_id)
+            .ok_or_else(|| crate::Error::internal(format!("host of VM {name} missing")))?;
+        Ok((vm, host.rec.address.clone(), host.rec.agent_secret.clone()))
+    }
+}

@@ -1,0 +1,66 @@
+//! Zones: sites, campuses or racks that fail together.
+
+use super::{lookup, now_ms, App, Batch};
+use crate::error::Result;
+use kumo_api::{validate_name, ApiError, CreateZone, ErrorCode, Zone, DEFAULT_PROJECT};
+use uuid::Uuid;
+
+pub const PREFIX: &str = "zones/";
+
+fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+impl App {
+    pub async fn zone_list(&self) -> Vec<Zone> {
+        self.inv.read().await.zones.values().cloned().collect()
+    }
+
+    pub async fn zone_get(&self, name: &str) -> Result<Zone> {
+        Ok(lookup(&self.inv.read().await.zones, "zone", name)?.clone())
+    }
+
+    pub async fn zone_create(&self, req: CreateZone) -> Result<Zone> {
+        validate_name("name", &req.name)?;
+        let mut inv = self.inv.write().await;
+        if inv.zones.contains_key(&req.name) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("name: zone {:?} already exists", req.name),
+            )
+            .into());
+        }
+        let zone = Zone {
+            id: Uuid::new_v4(),
+            name: req.name,
+            project: DEFAULT_PROJECT.to_string(),
+            description: req.description,
+            created_at: now_ms(),
+        };
+        let mut batch = Batch::default();
+        batch.put(key(&zone.name), &zone);
+        batch.event("zone.created", format!("zone/{}", zone.name), &zone.project, "zone created".into());
+        self.commit(&mut inv, batch).await?;
+        inv.zones.insert(zone.name.clone(), zone.clone());
+        Ok(zone)
+    }
+
+    pub async fn zone_delete(&self, name: &str) -> Result<()> {
+        let mut inv = self.inv.write().await;
+        let zone = lookup(&inv.zones, "zone", name)?.clone();
+        let hosts = inv.hosts.values().filter(|h| h.rec.zone == name).count();
+        if hosts > 0 {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("zone {name:?} still has {hosts} host(s); remove them first"),
+            )
+            .into());
+        }
+        let mut batch = Batch::default();
+        batch.delete(key(name));
+        batch.event("zone.deleted", format!("zone/{name}"), &zone.project, "zone deleted".into());
+        self.commit(&mut inv, batch).await?;
+        inv.zones.remove(name);
+        Ok(())
+    }
+}
