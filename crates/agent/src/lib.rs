@@ -1,1 +1,124 @@
-//! placeholder
+//! `kumo-agent`: one per host. It joins the pool, reports capacity, load and
+//! the state of its guests, and converges its guests to the desired state
+//! the controller sends (whole, stamped with a generation, persisted in a
+//! ledger file before anything is acted on).
+//!
+//! Guests are not owned by the agent: QEMU runs detached, so a restarted
+//! agent re-attaches to running guests over QMP instead of restarting them.
+
+mod controller;
+mod driver;
+mod http;
+mod ledger;
+mod metrics;
+mod vm;
+
+use anyhow::Context;
+use kumo_api::{DesiredState, Resources};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+pub use driver::{Accel, DriverKind};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub controller: String,
+    pub join_token: Option<String>,
+    pub name: String,
+    pub zone: String,
+    /// Holds the identity, the ledger, the image cache and one directory per VM.
+    pub data_dir: PathBuf,
+    /// Where the agent's own endpoint (console) listens.
+    pub listen: SocketAddr,
+    /// The address the controller should use to reach `listen` (defaults to it).
+    pub advertise: Option<String>,
+    pub driver: DriverKind,
+    /// QEMU acceleration: try KVM and fall back to TCG, or force one.
+    pub accel: Accel,
+    /// Override measured capacity (e.g. to share one machine between agents).
+    pub capacity: CapacityOverride,
+    pub heartbeat: Duration,
+    /// How long an ACPI shutdown may take before the guest is stopped hard.
+    pub stop_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CapacityOverride {
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_gib: Option<u64>,
+}
+
+/// Shared between the agent's tasks.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub driver: driver::Driver,
+    pub controller: controller::Controller,
+    pub agent_secret: String,
+    pub vms: Mutex<HashMap<Uuid, vm::VmHandle>>,
+    pub applied: Mutex<DesiredState>,
+    /// One lock per image being fetched, so two VMs never download it twice.
+    pub image_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+/// A running agent; dropping it stops its tasks (guests keep running).
+pub struct Agent {
+    pub host_id: Uuid,
+    pub addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Start an agent: join (or re-join), re-attach to guests from the ledger,
+/// then follow the controller.
+pub async fn start(config: Config) -> anyhow::Result<Agent> {
+    std::fs::create_dir_all(config.data_dir.join("vms"))
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let driver = driver::Driver::probe(config.driver, config.accel, &config.data_dir).await?;
+    let capacity = metrics::capacity(&config.data_dir, config.capacity)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let address = config.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let (controller, agent_secret) =
+        controller::Controller::connect(&config, &address, capacity, driver.info()).await?;
+    let host_id = controller.host_id();
+    let ledger = ledger::load(&config.data_dir)?;
+    let shared = Arc::new(Shared {
+        config,
+        driver,
+        controller,
+        agent_secret,
+        vms: Mutex::new(HashMap::new()),
+        applied: Mutex::new(DesiredState::default()),
+        image_locks: Mutex::new(HashMap::new()),
+    });
+    vm::remove_orphans(&shared, ledger.as_ref()).await;
+    if let Some(desired) = ledger {
+        vm::apply(&shared, desired).await;
+    }
+    let tasks = vec![
+        tokio::spawn(http::serve(shared.clone(), listener)),
+        tokio::spawn(controller::follow_desired(shared.clone())),
+        tokio::spawn(controller::heartbeats(shared.clone())),
+    ];
+    tracing::info!(%host_id, %addr, "agent running");
+    Ok(Agent { host_id, addr, tasks })
+}
+
+pub(crate) fn capacity_of(r: &Resources) -> String {
+    format!("{} CPUs, {} MiB, {} GiB", r.vcpus, r.memory_mib, r.disk_gib)
+}

@@ -1,1 +1,353 @@
-fn main() {}
+//! `kumo`, the command-line client.
+
+mod config;
+mod console;
+mod output;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kumo_api::{CreateJoinToken, CreateVm, CreateZone, EventQuery, Vm, VmState};
+use kumo_client::Client;
+use output::{age, Format};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// kumo: a private IaaS cloud.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Save the controller URL and token for later commands.
+    Login {
+        url: String,
+        /// File holding the token (the controller's `admin-token`).
+        #[arg(long)]
+        token_file: PathBuf,
+    },
+    /// Zones: sites, campuses or racks.
+    #[command(subcommand)]
+    Zone(ZoneCmd),
+    /// Hosts in the pool.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Disk images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// The event log.
+    #[command(subcommand)]
+    Event(EventCmd),
+}
+
+#[derive(Subcommand)]
+enum ZoneCmd {
+    List,
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Capacity, allocation, load and state of every host.
+    List,
+    Show { name: String },
+    /// Take a host out of placement (its VMs keep running).
+    Disable { name: String },
+    Enable { name: String },
+    /// Remove a host without VMs from the pool.
+    Delete { name: String },
+    /// Join tokens for new hosts.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token and print it.
+    Create {
+        /// Lifetime in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    List,
+    Show { name: String },
+    /// Import a qcow2 or raw disk image file.
+    Import {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    List,
+    Show { name: String },
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: u64,
+        /// Root disk in GiB (default: the image's size).
+        #[arg(long)]
+        disk: Option<u64>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// Create without starting.
+        #[arg(long)]
+        no_start: bool,
+        /// Wait until the VM is running.
+        #[arg(long)]
+        wait: bool,
+    },
+    Start {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Stop {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Reboot {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Delete {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Attach to the serial console (leave with Ctrl-]), or print its log.
+    Console {
+        name: String,
+        /// Print what the guest has written so far and exit.
+        #[arg(long)]
+        log: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventCmd {
+    List {
+        /// Only events about this resource, e.g. vm/web.
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let out = cli.output;
+    if let Command::Login { url, token_file } = &cli.command {
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?;
+        let client = Client::new(url, token.trim());
+        client.zones().await.context("checking the URL and token")?;
+        let path = config::save(url, token.trim())?;
+        println!("logged in to {url}; credentials saved in {}", path.display());
+        return Ok(());
+    }
+    let client = config::client()?;
+    match cli.command {
+        Command::Login { .. } => unreachable!("handled above"),
+        Command::Zone(cmd) => match cmd {
+            ZoneCmd::List => out.zones(&client.zones().await?),
+            ZoneCmd::Create { name, description } => {
+                out.zones(&[client.zone_create(&CreateZone { name, description }).await?])
+            }
+            ZoneCmd::Delete { name } => {
+                client.zone_delete(&name).await?;
+                out.done(&format!("zone {name} deleted"));
+            }
+        },
+        Command::Host(cmd) => match cmd {
+            HostCmd::List => out.hosts(&client.hosts().await?),
+            HostCmd::Show { name } => out.hosts(&[client.host(&name).await?]),
+            HostCmd::Disable { name } => out.hosts(&[client.host_enable(&name, false).await?]),
+            HostCmd::Enable { name } => out.hosts(&[client.host_enable(&name, true).await?]),
+            HostCmd::Delete { name } => {
+                client.host_delete(&name).await?;
+                out.done(&format!("host {name} removed"));
+            }
+            HostCmd::Token(TokenCmd::Create { ttl }) => {
+                let t = client.join_token_create(&CreateJoinToken { ttl_seconds: ttl }).await?;
+                match out {
+                    Format::Json => output::json(&t),
+                    Format::Table => println!("{}", t.token.unwrap_or_default()),
+                }
+            }
+            HostCmd::Token(TokenCmd::List) => {
+                let tokens = client.join_tokens().await?;
+                match out {
+                    Format::Json => output::json(&tokens),
+                    Format::Table => output::table(
+                        &["ID", "EXPIRES IN", "AGE"],
+                        tokens
+                            .iter()
+                            .map(|t| vec![t.id.to_string(), output::until(t.expires_at), age(t.created_at)])
+                            .collect(),
+                    ),
+                }
+            }
+        },
+        Command::Image(cmd) => match cmd {
+            ImageCmd::List => out.images(&client.images().await?),
+            ImageCmd::Show { name } => out.images(&[client.image(&name).await?]),
+            ImageCmd::Import { name, file } => {
+                let spinner = output::spinner(&format!("uploading {}", file.display()));
+                let image = client.image_import(&name, &file).await;
+                spinner.finish_and_clear();
+                out.images(&[image?]);
+            }
+            ImageCmd::Delete { name } => {
+                client.image_delete(&name).await?;
+                out.done(&format!("image {name} deleted"));
+            }
+        },
+        Command::Vm(cmd) => vm(&client, out, cmd).await?,
+        Command::Event(EventCmd::List { resource, limit }) => {
+            let q = EventQuery {
+                after: None,
+                limit: Some(limit),
+                resource,
+            };
+            out.events(&client.events(&q).await?)
+        }
+    }
+    Ok(())
+}
+
+async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
+    let (vm, wait_for) = match cmd {
+        VmCmd::List => {
+            out.vms(&client.vms().await?);
+            return Ok(());
+        }
+        VmCmd::Show { name } => (client.vm(&name).await?, None),
+        VmCmd::Create {
+            name,
+            image,
+            vcpus,
+            memory,
+            disk,
+            zone,
+            no_start,
+            wait,
+        } => {
+            let req = CreateVm {
+                name,
+                image,
+                vcpus,
+                memory_mib: memory,
+                disk_gib: disk,
+                zone,
+                start: Some(!no_start),
+            };
+            let target = if no_start { VmState::Stopped } else { VmState::Running };
+            (client.vm_create(&req).await?, wait.then_some(target))
+        }
+        VmCmd::Start { name, wait } => (client.vm_action(&name, "start").await?, wait.then_some(VmState::Running)),
+        VmCmd::Stop { name, wait } => (client.vm_action(&name, "stop").await?, wait.then_some(VmState::Stopped)),
+        VmCmd::Reboot { name, wait } => (client.vm_action(&name, "reboot").await?, wait.then_some(VmState::Running)),
+        VmCmd::Delete { name, wait } => {
+            let vm = client.vm_delete(&name).await?;
+            if wait {
+                wait_gone(client, &name).await?;
+                out.done(&format!("vm {name} deleted"));
+                return Ok(());
+            }
+            (vm, None)
+        }
+        VmCmd::Console { name, log } => {
+            if log {
+                print!("{}", client.console_log(&name).await?.text);
+            } else {
+                console::attach(client, &name).await?;
+            }
+            return Ok(());
+        }
+    };
+    let vm = match wait_for {
+        Some(target) => wait_state(client, &vm.name, target).await?,
+        None => vm,
+    };
+    out.vms(&[vm]);
+    Ok(())
+}
+
+const WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Poll until the VM reaches `target`; `failed` ends the wait with its reason.
+async fn wait_state(client: &Client, name: &str, target: VmState) -> Result<Vm> {
+    let spinner = output::spinner(&format!("waiting for {name} to be {target}"));
+    let start = std::time::Instant::now();
+    let result = loop {
+        let vm = client.vm(name).await?;
+        spinner.set_message(format!("{name}: {} (waiting for {target})", vm.state));
+        if vm.state == target {
+            break Ok(vm);
+        }
+        if vm.state == VmState::Failed && target != VmState::Failed {
+            break Err(anyhow::anyhow!("VM {name} failed: {}", vm.message.unwrap_or_default()));
+        }
+        if start.elapsed() > WAIT_LIMIT {
+            break Err(anyhow::anyhow!("VM {name} is still {} after {} s", vm.state, WAIT_LIMIT.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    spinner.finish_and_clear();
+    result
+}
+
+async fn wait_gone(client: &Client, name: &str) -> Result<()> {
+    let spinner = output::spinner(&format!("waiting for {name} to be deleted"));
+    let start = std::time::Instant::now();
+    let result = loop {
+        match client.vm(name).await {
+            Err(e) if e.code() == Some(kumo_api::ErrorCode::NotFound) => break Ok(()),
+            Err(e) => break Err(e.into()),
+            Ok(vm) if start.elapsed() > WAIT_LIMIT => bail!("VM {name} is still {} after {} s", vm.state, WAIT_LIMIT.as_secs()),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    spinner.finish_and_clear();
+    result
+}

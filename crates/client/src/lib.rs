@@ -1,1 +1,222 @@
-//! placeholder
+//! A thin typed client for the kumo API, used by the CLI and the tests.
+
+use kumo_api::*;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The controller answered with an error.
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("cannot reach the controller at {url}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("reading {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The API error code, if the controller answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|source| Error::Http {
+            url: self.base.clone(),
+            source,
+        })?;
+        if resp.status().is_success() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(Error::Api(serde_json::from_str(&text).unwrap_or_else(|_| {
+            ApiError::new(ErrorCode::Internal, format!("HTTP {status}: {text}"))
+        })))
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = self.send(req).await?;
+        resp.json().await.map_err(|source| Error::Http {
+            url: self.base.clone(),
+            source,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.json(self.request(Method::POST, path).json(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<()> {
+        self.send(self.request(Method::DELETE, path)).await.map(drop)
+    }
+
+    pub async fn zones(&self) -> Result<Vec<Zone>> {
+        self.get("/v1/zones").await
+    }
+
+    pub async fn zone_create(&self, req: &CreateZone) -> Result<Zone> {
+        self.post("/v1/zones", req).await
+    }
+
+    pub async fn zone_delete(&self, name: &str) -> Result<()> {
+        self.delete(&format!("/v1/zones/{name}")).await
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<Host>> {
+        self.get("/v1/hosts").await
+    }
+
+    pub async fn host(&self, name: &str) -> Result<Host> {
+        self.get(&format!("/v1/hosts/{name}")).await
+    }
+
+    pub async fn host_enable(&self, name: &str, enabled: bool) -> Result<Host> {
+        let verb = if enabled { "enable" } else { "disable" };
+        self.post(&format!("/v1/hosts/{name}/{verb}"), &()).await
+    }
+
+    pub async fn host_delete(&self, name: &str) -> Result<()> {
+        self.delete(&format!("/v1/hosts/{name}")).await
+    }
+
+    pub async fn join_token_create(&self, req: &CreateJoinToken) -> Result<JoinToken> {
+        self.post("/v1/join-tokens", req).await
+    }
+
+    pub async fn join_tokens(&self) -> Result<Vec<JoinToken>> {
+        self.get("/v1/join-tokens").await
+    }
+
+    pub async fn images(&self) -> Result<Vec<Image>> {
+        self.get("/v1/images").await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<Image> {
+        self.get(&format!("/v1/images/{name}")).await
+    }
+
+    /// Upload an image file, streamed.
+    pub async fn image_import(&self, name: &str, file: &Path) -> Result<Image> {
+        let io = |source| Error::Io {
+            path: file.display().to_string(),
+            source,
+        };
+        let f = tokio::fs::File::open(file).await.map_err(io)?;
+        let len = f.metadata().await.map_err(io)?.len();
+        let body = reqwest::Body::from(f);
+        let req = self
+            .request(Method::POST, "/v1/images")
+            .query(&[("name", name)])
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        self.json(req).await
+    }
+
+    pub async fn image_delete(&self, name: &str) -> Result<()> {
+        self.delete(&format!("/v1/images/{name}")).await
+    }
+
+    pub async fn vms(&self) -> Result<Vec<Vm>> {
+        self.get("/v1/vms").await
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Vm> {
+        self.get(&format!("/v1/vms/{name}")).await
+    }
+
+    pub async fn vm_create(&self, req: &CreateVm) -> Result<Vm> {
+        self.post("/v1/vms", req).await
+    }
+
+    /// `start`, `stop` or `reboot`.
+    pub async fn vm_action(&self, name: &str, action: &str) -> Result<Vm> {
+        self.post(&format!("/v1/vms/{name}/{action}"), &()).await
+    }
+
+    pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
+        self.json(self.request(Method::DELETE, &format!("/v1/vms/{name}"))).await
+    }
+
+    pub async fn console_log(&self, name: &str) -> Result<ConsoleLog> {
+        self.get(&format!("/v1/vms/{name}/console/log")).await
+    }
+
+    /// The interactive serial console as a raw byte stream.
+    pub async fn console(&self, name: &str) -> Result<reqwest::Upgraded> {
+        let req = self
+            .request(Method::GET, &format!("/v1/vms/{name}/console"))
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, "kumo-console");
+        let resp = self.send(req).await?;
+        resp.upgrade().await.map_err(|source| Error::Http {
+            url: self.base.clone(),
+            source,
+        })
+    }
+
+    pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>> {
+        let mut req = self.request(Method::GET, "/v1/events");
+        if let Some(a) = q.after {
+            req = req.query(&[("after", a)]);
+        }
+        if let Some(l) = q.limit {
+            req = req.query(&[("limit", l)]);
+        }
+        if let Some(r) = &q.resource {
+            req = req.query(&[("resource", r)]);
+        }
+        self.json(req).await
+    }
+}

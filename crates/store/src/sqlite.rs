@@ -22,9 +22,10 @@
 //!
 //! The connection uses `locking_mode=EXCLUSIVE`, so a second process (or a
 //! second `open` in this one) gets [`Error::Locked`] instead of silently
-//! sharing the file: watchers only see the writes of their own process. The
-//! OS releases the lock when the owning process dies, so a restarted kumod
-//! opens the file at once.
+//! sharing the file: watchers only see the writes of their own process. That
+//! includes the `sqlite3` shell: inspect a copy, or stop kumod first. The OS
+//! releases the lock when the owning process dies, so a restarted kumod opens
+//! the file at once.
 //!
 //! # Concurrency
 //!
@@ -154,7 +155,7 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// A store in memory, gone when dropped. For tests and `--ephemeral` runs.
+    /// A store in memory, gone when dropped (tests, throw-away controllers).
     pub fn in_memory() -> Result<Self, Error> {
         Self::init(Connection::open_in_memory()?, None)
     }
@@ -171,10 +172,11 @@ impl SqliteStore {
         }
         tx.execute_batch(SCHEMA)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        let revision: i64 =
-            tx.query_row("SELECT value FROM meta WHERE name = 'revision'", [], |row| {
-                row.get(0)
-            })?;
+        let revision: i64 = tx.query_row(
+            "SELECT value FROM meta WHERE name = 'revision'",
+            [],
+            |row| row.get(0),
+        )?;
         tx.commit()?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
@@ -377,8 +379,8 @@ fn apply(
                      version = version + 1
                  RETURNING create_revision, version",
             )?;
-            let (create_revision, version) =
-                stmt.query_row(params![key, value, revision], |row| {
+            let (create_revision, version) = stmt
+                .query_row(params![key, value, revision], |row| {
                     Ok((row.get(0)?, row.get(1)?))
                 })?;
             events.push(WatchEvent::Put(KeyValue {
@@ -487,7 +489,8 @@ impl Store for SqliteStore {
 
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, Error> {
         let prefix = prefix.to_owned();
-        self.run(Cost::Long, move |_, state| state.range(&prefix)).await
+        self.run(Cost::Long, move |_, state| state.range(&prefix))
+            .await
     }
 
     async fn txn(
@@ -621,7 +624,10 @@ mod tests {
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let err = SqliteStore::open(&path).unwrap_err();
-        assert!(matches!(err, Error::SchemaVersion { found: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, Error::SchemaVersion { found: 2, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -660,21 +666,36 @@ mod tests {
             let mut state = store.shared.lock_state();
             let current = store.shared.revision();
             let (res, _) = state
-                .txn(current, &[], vec![Op::Put { key, value: vec![0; 100] }], vec![])
+                .txn(
+                    current,
+                    &[],
+                    vec![Op::Put {
+                        key,
+                        value: vec![0; 100],
+                    }],
+                    vec![],
+                )
                 .unwrap();
             store.shared.revision.store(res.revision, Ordering::Release);
         }
         println!("inline put:  {:?}", per_op(start, N));
         let start = Instant::now();
         for i in 0..N {
-            store.shared.lock_state().get(&format!("k/{:06}", i % 1000)).unwrap();
+            store
+                .shared
+                .lock_state()
+                .get(&format!("k/{:06}", i % 1000))
+                .unwrap();
         }
         println!("inline get:  {:?}", per_op(start, N));
 
         rt.block_on(async {
             let start = Instant::now();
             for i in 0..N {
-                let op = Op::Put { key: format!("k/{:06}", i % 1000), value: vec![0; 100] };
+                let op = Op::Put {
+                    key: format!("k/{:06}", i % 1000),
+                    value: vec![0; 100],
+                };
                 store.txn(vec![], vec![op], vec![]).await.unwrap();
             }
             println!("async put:   {:?}", per_op(start, N));
@@ -698,7 +719,11 @@ mod tests {
             println!("range 100k:  {:?} ({} keys)", start.elapsed(), all.len());
             let start = Instant::now();
             let some = store.range("big/0420").await.unwrap();
-            println!("range 100 of 100k:  {:?} ({} keys)", start.elapsed(), some.len());
+            println!(
+                "range 100 of 100k:  {:?} ({} keys)",
+                start.elapsed(),
+                some.len()
+            );
         });
     }
 }

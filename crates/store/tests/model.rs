@@ -27,7 +27,17 @@ const KEYS: &[&str] = &[
     "é",
 ];
 
-const PREFIXES: &[&str] = &["", "a", "a/", "b/", "b/\u{0}", "\u{D7FF}", "\u{10FFFF}", "é", "z"];
+const PREFIXES: &[&str] = &[
+    "",
+    "a",
+    "a/",
+    "b/",
+    "b/\u{0}",
+    "\u{D7FF}",
+    "\u{10FFFF}",
+    "é",
+    "z",
+];
 
 #[derive(Debug, Default)]
 struct Model {
@@ -217,7 +227,12 @@ impl Watchers {
 
     fn expect(&mut self, events: &[WatchEvent]) {
         for ((prefix, _), expected) in self.rxs.iter().zip(&mut self.expected) {
-            expected.extend(events.iter().filter(|e| e.key().starts_with(prefix)).cloned());
+            expected.extend(
+                events
+                    .iter()
+                    .filter(|e| e.key().starts_with(prefix))
+                    .cloned(),
+            );
         }
     }
 

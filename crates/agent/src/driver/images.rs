@@ -1,0 +1,53 @@
+//! The host's image cache: images fetched from the controller once, checked
+//! against their SHA-256, kept as `<data-dir>/images/<sha256>`.
+
+use crate::Shared;
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use kumo_api::ImageRef;
+use sha2::Digest;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf> {
+    let dir = shared.config.data_dir.join("images");
+    let path = dir.join(&image.sha256);
+    let lock = {
+        let mut locks = shared.image_locks.lock().await;
+        locks.entry(image.sha256.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone()
+    };
+    let _guard = lock.lock().await;
+    if tokio::fs::try_exists(&path).await? {
+        return Ok(path);
+    }
+    tokio::fs::create_dir_all(&dir).await?;
+    let tmp = dir.join(format!(".{}.part", image.sha256));
+    let (url, token) = shared.controller.image_url(image.id);
+    let resp = shared
+        .controller
+        .http()
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("downloading the image")?;
+    let mut file = tokio::fs::File::create(&tmp).await?;
+    let mut hasher = sha2::Sha256::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("downloading the image")?;
+        hasher.update(&chunk);
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    let got = hex::encode(hasher.finalize());
+    if got != image.sha256 {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        bail!("image {} arrived with sha256 {got}, expected {}", image.id, image.sha256);
+    }
+    tokio::fs::rename(&tmp, &path).await?;
+    tracing::info!(image = %image.id, bytes = image.size_bytes, "image cached");
+    Ok(path)
+}

@@ -1,0 +1,126 @@
+//! Hypervisor drivers: `qemu` runs real guests; `sim` pretends, with no
+//! processes, so the controller can be tested fast and at scale.
+
+mod images;
+pub mod qemu;
+pub mod sim;
+
+use crate::Shared;
+use kumo_api::{HypervisorInfo, VmSpec};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    Qemu,
+    Sim,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Accel {
+    /// KVM if a guest actually runs under it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+pub enum Driver {
+    Qemu(qemu::Qemu),
+    Sim(sim::Sim),
+}
+
+impl Driver {
+    pub async fn probe(kind: DriverKind, accel: Accel, data_dir: &Path) -> anyhow::Result<Driver> {
+        Ok(match kind {
+            DriverKind::Qemu => Driver::Qemu(qemu::Qemu::probe(accel, data_dir).await?),
+            DriverKind::Sim => Driver::Sim(sim::Sim::default()),
+        })
+    }
+
+    pub fn info(&self) -> HypervisorInfo {
+        match self {
+            Driver::Qemu(q) => q.info(),
+            Driver::Sim(_) => HypervisorInfo {
+                driver: "sim".into(),
+                version: None,
+                accel: "none".into(),
+            },
+        }
+    }
+
+    pub fn guest(&self, id: Uuid) -> Guest {
+        match self {
+            Driver::Qemu(q) => Guest::Qemu(q.guest(id)),
+            Driver::Sim(s) => Guest::Sim(s.guest(id)),
+        }
+    }
+
+    /// Ids of the guests that have state on this host.
+    pub fn guests_on_disk(&self) -> Vec<Uuid> {
+        match self {
+            Driver::Qemu(q) => q.guests_on_disk(),
+            Driver::Sim(_) => Vec::new(),
+        }
+    }
+
+    /// The guest's serial console log and socket, for real guests.
+    pub fn console_paths(&self, id: Uuid) -> Option<(PathBuf, PathBuf)> {
+        match self {
+            Driver::Qemu(q) => Some(q.console_paths(id)),
+            Driver::Sim(_) => None,
+        }
+    }
+}
+
+/// One guest, as the VM actor drives it.
+pub enum Guest {
+    Qemu(qemu::QemuGuest),
+    Sim(sim::SimGuest),
+}
+
+impl Guest {
+    pub async fn is_running(&mut self) -> bool {
+        match self {
+            Guest::Qemu(g) => g.is_running().await,
+            Guest::Sim(g) => g.is_running(),
+        }
+    }
+
+    pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.start(shared, spec).await,
+            Guest::Sim(g) => g.start(),
+        }
+    }
+
+    pub async fn reset(&mut self) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.reset().await,
+            Guest::Sim(_) => Ok(()),
+        }
+    }
+
+    /// ACPI power button; a hard stop if the guest is still up after `timeout`.
+    pub async fn shutdown(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.shutdown(timeout).await,
+            Guest::Sim(g) => g.stop(),
+        }
+    }
+
+    /// Stop hard and remove everything the guest has on the host.
+    pub async fn destroy(&mut self) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.destroy().await,
+            Guest::Sim(g) => g.stop(),
+        }
+    }
+
+    pub fn cpu_percent(&mut self) -> Option<f32> {
+        match self {
+            Guest::Qemu(g) => g.cpu_percent(),
+            Guest::Sim(g) => g.is_running().then_some(0.0),
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Real guests: one detached QEMU process per VM (own session, pidfile, QMP
+//! and serial sockets in the VM's directory), so guests outlive the agent
+//! and a restarted agent re-attaches over QMP.
+//!
+//! A VM's directory `<data-dir>/vms/<id>/` holds `disk.qcow2` (a
+//! copy-on-write overlay of the cached image; it survives stop and start),
+//! `seed.iso` (a NoCloud seed carrying the VM's name as its hostname),
+//! `qemu.pid`, `qmp.sock`, `console.sock` and `console.log`.
+
+use super::{images, Accel};
+use crate::{metrics, Shared};
+use anyhow::{bail, Context};
+use kumo_api::{HypervisorInfo, VmSpec};
+use kumo_qmp::Qmp;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const BINARY: &str = "qemu-system-x86_64";
+/// Longest path a unix socket may have (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+pub struct Qemu {
+    version: String,
+    accel: &'static str,
+    vms_dir: PathBuf,
+}
+
+impl Qemu {
+    pub async fn probe(accel: Accel, data_dir: &Path) -> anyhow::Result<Qemu> {
+        let out = tokio::process::Command::new(BINARY)
+            .arg("--version")
+            .output()
+            .await
+            .with_context(|| format!("running {BINARY}; is qemu-system-x86 installed?"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .unwrap_or("unknown")
+            .to_string();
+        let accel = match accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+            Accel::Auto if kvm_works(data_dir).await => "kvm",
+            Accel::Auto => "tcg",
+        };
+        Ok(Qemu {
+            version,
+            accel,
+            vms_dir: data_dir.join("vms"),
+        })
+    }
+
+    pub fn info(&self) -> HypervisorInfo {
+        HypervisorInfo {
+            driver: "qemu".into(),
+            version: Some(self.version.clone()),
+            accel: self.accel.into(),
+        }
+    }
+
+    pub fn guest(&self, id: Uuid) -> QemuGuest {
+        QemuGuest {
+            dir: self.vms_dir.join(id.to_string()),
+            accel: self.accel,
+            qmp: None,
+            pid: None,
+            cpu_sample: None,
+        }
+    }
+
+    pub fn guests_on_disk(&self) -> Vec<Uuid> {
+        std::fs::read_dir(&self.vms_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn console_paths(&self, id: Uuid) -> (PathBuf, PathBuf) {
+        let dir = self.vms_dir.join(id.to_string());
+        (dir.join("console.log"), dir.join("console.sock"))
+    }
+}
+
+/// Whether a guest really runs under KVM here: `/dev/kvm` existing is not
+/// enough (some hosts fail at the first instruction with "KVM internal
+/// error"), so boot an empty machine under KVM and see whether it keeps
+/// running.
+async fn kvm_works(data_dir: &Path) -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let sock = data_dir.join("kvm-probe.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = tokio::process::Command::new(BINARY)
+        .args(["-accel", "kvm", "-M", "pc", "-m", "32", "-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let works = match Qmp::connect(&sock).await {
+        Ok(qmp) => qmp.query_status().await.is_ok_and(|s| s.running),
+        Err(_) => false,
+    };
+    let _ = child.kill().await;
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!(works, "KVM probe");
+    works
+}
+
+pub struct QemuGuest {
+    dir: PathBuf,
+    accel: &'static str,
+    qmp: Option<Qmp>,
+    pid: Option<i32>,
+    cpu_sample: Option<(u64, Instant)>,
+}
+
+impl QemuGuest {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The QEMU process of this guest, if it is alive. The command line must
+    /// name this guest's directory, so a reused pid is not mistaken for it.
+    fn live_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.path("qemu.pid")).ok()?.trim().parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+        if state == 'Z' || state == 'X' {
+            return None;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let dir = self.dir.to_string_lossy();
+        String::from_utf8_lossy(&cmdline).contains(dir.as_ref()).then_some(pid)
+    }
+
+    pub async fn is_running(&mut self) -> bool {
+        match self.live_pid() {
+            Some(pid) => {
+                self.pid = Some(pid);
+                if !self.qmp.as_ref().is_some_and(|q| q.is_connected()) {
+                    self.qmp = Qmp::connect(self.path("qmp.sock")).await.ok();
+                    if self.qmp.is_some() {
+                        tracing::info!(dir = %self.dir.display(), pid, "attached to running guest");
+                    }
+                }
+                true
+            }
+            None => {
+                self.pid = None;
+                self.qmp = None;
+                false
+            }
+        }
+    }
+
+    fn qmp(&self) -> anyhow::Result<&Qmp> {
+        self.qmp.as_ref().context("no QMP connection to the guest")
+    }
+
+    pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
+        tokio::fs::create_dir_all(&self.dir).await?;
+        if self.path("console.sock").as_os_str().len() > MAX_SOCKET_PATH {
+            bail!("data dir path too long for unix sockets: {}", self.dir.display());
+        }
+        let image = images::ensure(shared, &spec.image).await?;
+        let disk = self.path("disk.qcow2");
+        if !disk.exists() {
+            let tmp = self.path("disk.qcow2.tmp");
+            run(tokio::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", spec.image.format.as_str(), "-b"])
+                .arg(&image)
+                .arg(&tmp)
+                .arg(format!("{}G", spec.size.disk_gib)))
+            .await
+            .context("creating the disk overlay")?;
+            tokio::fs::rename(&tmp, &disk).await?;
+        }
+        self.write_seed(spec).await?;
+        for stale in ["qmp.sock", "console.sock", "qemu.pid"] {
+            let _ = tokio::fs::remove_file(self.path(stale)).await;
+        }
+        let dir = self.dir.display();
+        let mut cmd = tokio::process::Command::new(BINARY);
+        cmd.arg("-name")
+            .arg(format!("guest={},debug-threads=on", spec.name))
+            .arg("-uuid")
+            .arg(spec.id.to_string())
+            .args(["-machine", &format!("pc,accel={}", self.accel)])
+            .args(["-cpu", if self.accel == "kvm" { "host" } else { "max" }])
+            .args(["-smp", &spec.size.vcpus.to_string(), "-m", &spec.size.memory_mib.to_string()])
+            .args(["-nodefaults", "-display", "none"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=serial0,path={dir}/console.sock,server=on,wait=off,logfile={dir}/console.log,logappend=on"
+            ))
+            .args(["-serial", "chardev:serial0"])
+            .arg("-qmp")
+            .arg(format!("unix:{dir}/qmp.sock,server=on,wait=off"))
+            .arg("-drive")
+            .arg(format!("file={dir}/disk.qcow2,if=virtio,format=qcow2,discard=unmap"))
+            .arg("-drive")
+            .arg(format!("file={dir}/seed.iso,if=virtio,format=raw,readonly=on"))
+            .args(["-nic", "user,model=virtio-net-pci"])
+            .arg("-daemonize")
+            .arg("-pidfile")
+            .arg(format!("{dir}/qemu.pid"));
+        run(&mut cmd).await.context("starting QEMU")?;
+        if !self.is_running().await {
+            bail!("QEMU exited right after starting");
+        }
+        if self.qmp.is_none() {
+            bail!("QEMU runs but its QMP socket does not answer");
+        }
+        Ok(())
+    }
+
+    /// The NoCloud seed: the VM's name becomes the guest's hostname.
+    async fn write_seed(&self, spec: &VmSpec) -> anyhow::Result<()> {
+        let seed = self.path("seed");
+        tokio::fs::create_dir_all(&seed).await?;
+        let meta = format!("instance-id: {}\nlocal-hostname: {}\n", spec.id, spec.name);
+        tokio::fs::write(seed.join("meta-data"), meta).await?;
+        tokio::fs::write(seed.join("user-data"), "#cloud-config\n").await?;
+        run(tokio::process::Command::new("genisoimage")
+            .args(["-quiet", "-output"])
+            .arg(self.path("seed.iso"))
+            .args(["-volid", "cidata", "-joliet", "-rock"])
+            .arg(seed.join("meta-data"))
+            .arg(seed.join("user-data")))
+        .await
+        .context("making the seed image (is genisoimage installed?)")
+    }
+
+    pub async fn reset(&mut self) -> anyhow::Result<()> {
+        Ok(self.qmp()?.system_reset().await?)
+    }
+
+    pub async fn shutdown(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        if let Ok(qmp) = self.qmp() {
+            if let Err(e) = qmp.system_powerdown().await {
+                tracing::warn!(error = %e, "ACPI power button");
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.live_pid().is_none() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tracing::info!(dir = %self.dir.display(), "guest ignored the power button; stopping it hard");
+        self.kill().await
+    }
+
+    /// Stop hard: QMP `quit`, then SIGKILL if QEMU is still there.
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(qmp) = self.qmp.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), qmp.quit()).await;
+        }
+        for _ in 0..20 {
+            let Some(pid) = self.live_pid() else { return Ok(()) };
+            if self.pid.is_none() {
+                self.pid = Some(pid);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(pid) = self.live_pid() {
+            kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+            for _ in 0..50 {
+                if self.live_pid().is_none() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            bail!("QEMU (pid {pid}) survived SIGKILL");
+        }
+        Ok(())
+    }
+
+    pub async fn destroy(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        match tokio::fs::remove_dir_all(&self.dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// CPU use of the guest since the last call, percent of one CPU.
+    pub fn cpu_percent(&mut self) -> Option<f32> {
+        let ticks = metrics::process_ticks(self.pid?)?;
+        let now = Instant::now();
+        let last = self.cpu_sample.replace((ticks, now));
+        let (t0, i0) = last?;
+        let secs = now.duration_since(i0).as_secs_f32();
+        (secs > 0.0).then(|| 100.0 * ticks.saturating_sub(t0) as f32 / metrics::TICKS_PER_SECOND / secs)
+    }
+}
+
+/// Run a command to completion; its stderr becomes the error.
+async fn run(cmd: &mut tokio::process::Command) -> anyhow::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().await?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! The agent's own endpoint, called by the controller only where a
+//! handshake is needed: the serial console. Callers present the agent
+//! secret the controller learnt when the host joined.
+
+use crate::Shared;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::sync::Arc;
+use uuid::Uuid;
+
+pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    let router = Router::new()
+        .route("/v1/vms/{id}/console/log", get(console_log))
+        .route("/v1/vms/{id}/console", get(console))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "agent endpoint stopped");
+    }
+}
+
+fn authorized(shared: &Shared, req: &Request) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == shared.agent_secret)
+}
+
+fn refuse(status: StatusCode, msg: &str) -> Response {
+    (status, msg.to_string()).into_response()
+}
+
+async fn console_log(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, req: Request) -> Response {
+    if !authorized(&shared, &req) {
+        return refuse(StatusCode::UNAUTHORIZED, "wrong agent secret");
+    }
+    let Some((log, _)) = shared.driver.console_paths(id) else {
+        return "(simulated guest: no console)\n".into_response();
+    };
+    match tokio::fs::read(&log).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned().into_response(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new().into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// Upgrade to a raw byte stream joined to the guest's serial socket.
+async fn console(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, mut req: Request) -> Response {
+    if !authorized(&shared, &req) {
+        return refuse(StatusCode::UNAUTHORIZED, "wrong agent secret");
+    }
+    let Some((_, sock)) = shared.driver.console_paths(id) else {
+        return refuse(StatusCode::CONFLICT, "simulated guests have no console");
+    };
+    let mut serial = match tokio::net::UnixStream::connect(&sock).await {
+        Ok(s) => s,
+        Err(e) => return refuse(StatusCode::CONFLICT, &format!("guest console not available (is the VM running?): {e}")),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut io, &mut serial).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "console upgrade"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "kumo-console")
+        .body(Body::empty())
+        .expect("valid response")
+}

@@ -1,0 +1,86 @@
+use clap::Parser;
+use kumo_agent::{Accel, CapacityOverride, Config, DriverKind};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// kumo-agent: runs the guests of one host.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Controller URL.
+    #[arg(long, env = "KUMO_URL", default_value = "http://127.0.0.1:7370")]
+    controller: String,
+    /// Join token for the first start (`kumo host token create`).
+    #[arg(long, env = "KUMO_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// Host name in the pool.
+    #[arg(long)]
+    name: String,
+    /// Zone the host is in.
+    #[arg(long)]
+    zone: String,
+    #[arg(long, default_value = "/var/lib/kumo-agent")]
+    data_dir: PathBuf,
+    /// Address of the agent's endpoint (serial consoles).
+    #[arg(long, default_value = "127.0.0.1:7371")]
+    listen: SocketAddr,
+    /// URL the controller uses to reach the agent (default: from --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long, value_enum, default_value = "qemu")]
+    driver: DriverKind,
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: Accel,
+    /// Report this many CPUs instead of the measured count.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Report this much memory (MiB) instead of the measured amount.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Report this much disk (GiB) instead of the free space of --data-dir.
+    #[arg(long)]
+    disk_gib: Option<u64>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat: f64,
+    /// Seconds an ACPI shutdown may take before the guest is stopped hard.
+    #[arg(long, default_value_t = 30.0)]
+    stop_timeout: f64,
+}
+
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v > 0.0 && v <= 3600.0) {
+        anyhow::bail!("--{flag}: {v} is out of range: use more than 0 and at most 3600 seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let a = Args::parse();
+    let config = Config {
+        controller: a.controller,
+        join_token: a.join_token,
+        name: a.name,
+        zone: a.zone,
+        data_dir: a.data_dir,
+        listen: a.listen,
+        advertise: a.advertise,
+        driver: a.driver,
+        accel: a.accel,
+        capacity: CapacityOverride {
+            vcpus: a.cpus,
+            memory_mib: a.memory_mib,
+            disk_gib: a.disk_gib,
+        },
+        heartbeat: seconds("heartbeat", a.heartbeat)?,
+        stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
+    };
+    let _agent = kumo_agent::start(config).await?;
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

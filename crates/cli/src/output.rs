@@ -1,0 +1,188 @@
+//! Human tables by default, `-o json` everywhere.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kumo_api::{Event, Host, Image, Millis, Vm, Zone};
+use serde::Serialize;
+use std::io::IsTerminal;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+pub fn json<T: Serialize + ?Sized>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+}
+
+/// Print rows under headers, columns aligned.
+pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn now() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+pub fn age(t: Millis) -> String {
+    span(now().saturating_sub(t))
+}
+
+pub fn until(t: Millis) -> String {
+    span(t.saturating_sub(now()))
+}
+
+fn gib(mib: u64) -> String {
+    format!("{:.1}G", mib as f64 / 1024.0)
+}
+
+/// A spinner on stderr when it is a terminal; hidden otherwise.
+pub fn spinner(msg: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    pb
+}
+
+impl Format {
+    pub fn done(self, msg: &str) {
+        match self {
+            Format::Json => json(&serde_json::json!({ "ok": true, "message": msg })),
+            Format::Table => println!("{msg}"),
+        }
+    }
+
+    pub fn zones(self, zones: &[Zone]) {
+        if let Format::Json = self {
+            return json(zones);
+        }
+        table(
+            &["NAME", "DESCRIPTION", "AGE"],
+            zones.iter().map(|z| vec![z.name.clone(), z.description.clone(), age(z.created_at)]).collect(),
+        );
+    }
+
+    pub fn hosts(self, hosts: &[Host]) {
+        if let Format::Json = self {
+            return json(hosts);
+        }
+        table(
+            &["NAME", "ZONE", "STATE", "VMS", "VCPUS", "MEMORY", "DISK", "CPU%", "MEM USED", "HYPERVISOR", "HEARTBEAT"],
+            hosts
+                .iter()
+                .map(|h| {
+                    let load = h.load.unwrap_or_default();
+                    vec![
+                        h.name.clone(),
+                        h.zone.clone(),
+                        h.state.to_string(),
+                        h.vm_count.to_string(),
+                        format!("{}/{}", h.allocated.vcpus, h.capacity.vcpus),
+                        format!("{}/{}", gib(h.allocated.memory_mib), gib(h.capacity.memory_mib)),
+                        format!("{}/{}G", h.allocated.disk_gib, h.capacity.disk_gib),
+                        h.load.map_or("-".into(), |_| format!("{:.0}", load.cpu_percent)),
+                        h.load.map_or("-".into(), |_| gib(load.memory_used_mib)),
+                        format!(
+                            "{} {} {}",
+                            h.hypervisor.driver,
+                            h.hypervisor.version.as_deref().unwrap_or(""),
+                            h.hypervisor.accel
+                        )
+                        .replace("  ", " "),
+                        h.last_heartbeat.map_or("never".into(), |t| format!("{} ago", age(t))),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub fn images(self, images: &[Image]) {
+        if let Format::Json = self {
+            return json(images);
+        }
+        table(
+            &["NAME", "FORMAT", "SIZE", "VIRTUAL SIZE", "SHA256", "AGE"],
+            images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        i.format.as_str().to_string(),
+                        format!("{:.1}M", i.size_bytes as f64 / 1048576.0),
+                        format!("{:.1}M", i.virtual_size_bytes as f64 / 1048576.0),
+                        i.sha256.chars().take(12).collect(),
+                        age(i.created_at),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub fn vms(self, vms: &[Vm]) {
+        if let Format::Json = self {
+            return json(vms);
+        }
+        table(
+            &["NAME", "STATE", "HOST", "ZONE", "IMAGE", "VCPUS", "MEMORY", "DISK", "CPU%", "AGE", "MESSAGE"],
+            vms.iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.state.to_string(),
+                        v.host.clone(),
+                        v.zone.clone(),
+                        v.image.clone(),
+                        v.size.vcpus.to_string(),
+                        format!("{}M", v.size.memory_mib),
+                        format!("{}G", v.size.disk_gib),
+                        v.cpu_percent.map_or("-".into(), |c| format!("{c:.0}")),
+                        age(v.created_at),
+                        v.message.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub fn events(self, events: &[Event]) {
+        if let Format::Json = self {
+            return json(events);
+        }
+        table(
+            &["SEQ", "AGE", "KIND", "RESOURCE", "MESSAGE"],
+            events
+                .iter()
+                .map(|e| vec![e.seq.to_string(), age(e.time), e.kind.clone(), e.resource.clone(), e.message.clone()])
+                .collect(),
+        );
+    }
+}
