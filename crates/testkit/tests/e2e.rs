@@ -1,0 +1,98 @@
+//! End to end with real QEMU guests (TCG): boot the tiny guest and use its
+//! serial console; stop, start, reboot, delete; kill -9 the agent and the
+//! controller and find everything as it was.
+
+use kumo_api::{CreateVm, HostState, VmState};
+use kumo_testkit::{tiny_image, wait_until, wait_vm, RealCloud};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(90);
+const BANNER: &str = "kumo tiny guest: hostname=";
+
+fn vm(name: &str) -> CreateVm {
+    CreateVm {
+        name: name.into(),
+        image: "tiny".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: None,
+        zone: None,
+        start: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
+    let image = tiny_image().unwrap();
+    let mut cloud = RealCloud::start().await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud.host("h1", "z1").await.unwrap();
+    let c = cloud.client.clone();
+    let host = c.host("h1").await.unwrap();
+    assert_eq!(host.hypervisor.driver, "qemu");
+    assert_eq!(host.hypervisor.accel, "tcg");
+    c.image_import("tiny", &image).await.unwrap();
+
+    // Boot: the guest gets its name from the cloud and gives a shell.
+    c.vm_create(&vm("web")).await.unwrap();
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    cloud.wait_console("web", &format!("{BANNER}web"), BOOT).await.unwrap();
+    cloud.wait_console("web", "kumo guest ready", BOOT).await.unwrap();
+    let out = cloud.console_run("web", "echo hi-$((40+2))", "hi-42").await.unwrap();
+    assert!(out.contains("hi-42"));
+    let pids = cloud.qemu_pids();
+    assert_eq!(pids.len(), 1, "one QEMU for one VM");
+
+    // kill -9 the agent: the guest keeps running; a new agent re-attaches.
+    cloud.kill_agent("h1");
+    wait_until(Duration::from_secs(15), "h1 down", || async {
+        c.host("h1").await.ok().filter(|h| h.state == HostState::Down)
+    })
+    .await
+    .unwrap();
+    assert_eq!(cloud.qemu_pids(), pids, "the guest outlives its agent");
+    cloud.restart_agent("h1").unwrap();
+    cloud.wait_host_ready("h1").await.unwrap();
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    assert_eq!(cloud.qemu_pids(), pids, "re-attached, not restarted");
+    cloud.console_run("web", "echo still-$((1+1))", "still-2").await.unwrap();
+
+    // kill -9 the controller: hosts and VMs are all there after a restart.
+    let hosts_before = c.hosts().await.unwrap();
+    let vms_before = c.vms().await.unwrap();
+    cloud.kill_controller();
+    cloud.start_controller().await.unwrap();
+    let c = cloud.client.clone();
+    let hosts_after = c.hosts().await.unwrap();
+    assert_eq!(hosts_after.len(), hosts_before.len());
+    assert_eq!(hosts_after[0].id, hosts_before[0].id);
+    let vms_after = c.vms().await.unwrap();
+    assert_eq!(vms_after.len(), 1);
+    assert_eq!((vms_after[0].id, vms_after[0].host_id), (vms_before[0].id, vms_before[0].host_id));
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    assert_eq!(cloud.qemu_pids(), pids);
+
+    // Reboot: same QEMU process, the guest boots again.
+    let boots = |log: &str| log.matches(BANNER).count();
+    let before = boots(&c.console_log("web").await.unwrap().text);
+    c.vm_action("web", "reboot").await.unwrap();
+    wait_until(BOOT, "a second boot", || async {
+        c.console_log("web").await.ok().filter(|l| boots(&l.text) > before)
+    })
+    .await
+    .unwrap();
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    assert_eq!(cloud.qemu_pids(), pids);
+
+    // Stop (ACPI shutdown), start, delete.
+    c.vm_action("web", "stop").await.unwrap();
+    wait_vm(&c, "web", VmState::Stopped, BOOT).await.unwrap();
+    assert!(cloud.qemu_pids().is_empty(), "stopped means no QEMU");
+    c.vm_action("web", "start").await.unwrap();
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    cloud.wait_console("web", "kumo guest ready", BOOT).await.unwrap();
+    assert_eq!(cloud.qemu_pids().len(), 1);
+    c.vm_delete("web").await.unwrap();
+    wait_until(BOOT, "web deleted", || async { c.vm("web").await.err() }).await.unwrap();
+    assert!(cloud.qemu_pids().is_empty(), "deleted means no QEMU");
+}
