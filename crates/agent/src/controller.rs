@@ -4,8 +4,8 @@
 use crate::{ledger, metrics, vm, Config, Shared};
 use anyhow::{bail, Context};
 use kumo_api::{
-    ApiError, DesiredState, Heartbeat, HeartbeatResponse, HypervisorInfo, RegisterHost, RegisterHostResponse,
-    Resources,
+    ApiError, DesiredState, Heartbeat, HeartbeatResponse, HypervisorInfo, RegisterHost,
+    RegisterHostResponse, Resources,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -54,9 +54,10 @@ impl Controller {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
         };
-        let agent_secret = known
-            .as_ref()
-            .map_or_else(|| hex::encode(rand::random::<[u8; 24]>()), |i| i.agent_secret.clone());
+        let agent_secret = known.as_ref().map_or_else(
+            || hex::encode(rand::random::<[u8; 24]>()),
+            |i| i.agent_secret.clone(),
+        );
         tracing::info!(capacity = %crate::capacity_of(&capacity), driver = %hypervisor.driver, accel = %hypervisor.accel, "host found");
         let c = Controller {
             url: config.controller.trim_end_matches('/').to_string(),
@@ -79,21 +80,25 @@ impl Controller {
                 hypervisor,
             },
         };
-        if known.is_none() {
-            if config.join_token.is_none() {
-                bail!("this host has not joined yet: pass --join-token (create one with `kumo host token create`)");
-            }
-            let mut attempt = 0;
-            loop {
-                match c.join(&config.data_dir).await {
-                    Ok(()) => break,
-                    Err(e) if attempt < 60 && e.downcast_ref::<reqwest::Error>().is_some() => {
-                        attempt += 1;
-                        tracing::warn!(error = %e, "controller not reachable yet; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => return Err(e),
+        if known.is_none() && config.join_token.is_none() {
+            bail!("this host has not joined yet: pass --join-token (create one with `kumo host token create`)");
+        }
+        // Join, or tell the controller what this host is now (capacity,
+        // hypervisor and address may have changed since it joined).
+        let mut attempt = 0;
+        loop {
+            match c.join(&config.data_dir).await {
+                Ok(()) => break,
+                Err(e) if known.is_some() => {
+                    tracing::warn!(error = %e, "could not update the registration; going on with the saved identity");
+                    break;
                 }
+                Err(e) if attempt < 60 && e.downcast_ref::<reqwest::Error>().is_some() => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, "controller not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok((c, agent_secret))
@@ -108,12 +113,15 @@ impl Controller {
     }
 
     async fn join(&self, data_dir: &std::path::Path) -> anyhow::Result<()> {
-        let resp = self
+        let mut req = self
             .http
             .post(format!("{}/v1/agent/register", self.url))
-            .json(&self.register)
-            .send()
-            .await?;
+            .json(&self.register);
+        let token = self.token();
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await?;
         if !resp.status().is_success() {
             let err: ApiError = resp.json().await?;
             bail!("joining the pool: {err}");
@@ -130,7 +138,10 @@ impl Controller {
         Ok(())
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, CallError> {
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, CallError> {
         let resp = req.bearer_auth(self.token()).send().await?;
         if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
             return Err(CallError::Unauthorized);
@@ -144,6 +155,7 @@ impl Controller {
     /// After a refused token: join again if we can.
     async fn recover(&self, data_dir: &std::path::Path, e: &CallError) {
         if matches!(e, CallError::Unauthorized) && !self.register.join_token.is_empty() {
+            self.identity.lock().expect("lock").host_token.clear();
             if let Err(e) = self.join(data_dir).await {
                 tracing::warn!(error = %e, "re-joining");
             }
@@ -171,7 +183,10 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             vms: vm::statuses(&shared).await,
         };
         let c = &shared.controller;
-        let req = c.http.post(format!("{}/v1/agent/heartbeat", c.url)).json(&hb);
+        let req = c
+            .http
+            .post(format!("{}/v1/agent/heartbeat", c.url))
+            .json(&hb);
         if let Err(e) = c.call::<HeartbeatResponse>(req).await {
             tracing::warn!(error = %e, "heartbeat");
             c.recover(&shared.config.data_dir, &e).await;
@@ -185,7 +200,11 @@ pub async fn follow_desired(shared: Arc<Shared>) {
         let after = shared.applied.lock().await.generation;
         let c = &shared.controller;
         // The first fetch does not wait: it catches up after a restart.
-        let query = if first { String::new() } else { format!("?after={after}&wait_seconds=25") };
+        let query = if first {
+            String::new()
+        } else {
+            format!("?after={after}&wait_seconds=25")
+        };
         let req = c.http.get(format!("{}/v1/agent/desired{query}", c.url));
         match c.call::<DesiredState>(req).await {
             Ok(desired) if first || desired.generation > after => {

@@ -34,7 +34,11 @@ fn refuse(status: StatusCode, msg: &str) -> Response {
     (status, msg.to_string()).into_response()
 }
 
-async fn console_log(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, req: Request) -> Response {
+async fn console_log(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<Uuid>,
+    req: Request,
+) -> Response {
     if !authorized(&shared, &req) {
         return refuse(StatusCode::UNAUTHORIZED, "wrong agent secret");
     }
@@ -49,7 +53,11 @@ async fn console_log(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, re
 }
 
 /// Upgrade to a raw byte stream joined to the guest's serial socket.
-async fn console(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, mut req: Request) -> Response {
+async fn console(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<Uuid>,
+    mut req: Request,
+) -> Response {
     if !authorized(&shared, &req) {
         return refuse(StatusCode::UNAUTHORIZED, "wrong agent secret");
     }
@@ -58,7 +66,12 @@ async fn console(State(shared): State<Arc<Shared>>, Path(id): Path<Uuid>, mut re
     };
     let mut serial = match tokio::net::UnixStream::connect(&sock).await {
         Ok(s) => s,
-        Err(e) => return refuse(StatusCode::CONFLICT, &format!("guest console not available (is the VM running?): {e}")),
+        Err(e) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                &format!("guest console not available (is the VM running?): {e}"),
+            )
+        }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {

@@ -10,7 +10,9 @@ const FILE: &str = "desired.json";
 
 pub fn load(dir: &Path) -> anyhow::Result<Option<DesiredState>> {
     match std::fs::read(dir.join(FILE)) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("reading the ledger")?)),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).context("reading the ledger")?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }

@@ -92,7 +92,10 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let address = config.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let address = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let (controller, agent_secret) =
         controller::Controller::connect(&config, &address, capacity, driver.info()).await?;
     let host_id = controller.host_id();
@@ -116,7 +119,11 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         tokio::spawn(controller::heartbeats(shared.clone())),
     ];
     tracing::info!(%host_id, %addr, "agent running");
-    Ok(Agent { host_id, addr, tasks })
+    Ok(Agent {
+        host_id,
+        addr,
+        tasks,
+    })
 }
 
 pub(crate) fn capacity_of(r: &Resources) -> String {

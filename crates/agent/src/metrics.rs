@@ -64,7 +64,9 @@ impl LoadMeter {
     pub fn sample(&mut self) -> HostLoad {
         let now = cpu_times();
         let cpu_percent = match (self.last, now) {
-            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => 100.0 * (b1 - b0) as f32 / (t1 - t0) as f32,
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                100.0 * (b1 - b0) as f32 / (t1 - t0) as f32
+            }
             _ => 0.0,
         };
         self.last = now;

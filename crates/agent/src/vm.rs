@@ -49,7 +49,11 @@ pub async fn apply(shared: &Arc<Shared>, desired: DesiredState) {
         }
     }
     drop(vms);
-    tracing::info!(generation = desired.generation, vms = desired.vms.len(), "applied desired state");
+    tracing::info!(
+        generation = desired.generation,
+        vms = desired.vms.len(),
+        "applied desired state"
+    );
     *shared.applied.lock().await = desired;
 }
 
@@ -58,7 +62,9 @@ pub async fn apply(shared: &Arc<Shared>, desired: DesiredState) {
 pub async fn statuses(shared: &Shared) -> Vec<VmStatus> {
     let mut vms = shared.vms.lock().await;
     vms.retain(|_, h| !h.task.is_finished());
-    vms.values().map(|h| h.status.lock().expect("lock").clone()).collect()
+    vms.values()
+        .map(|h| h.status.lock().expect("lock").clone())
+        .collect()
 }
 
 /// Guests on disk that the ledger does not know (deleted while the agent
@@ -85,7 +91,11 @@ fn spawn(shared: Arc<Shared>, spec: VmSpec) -> VmHandle {
     }));
     let (tx, rx) = watch::channel(Some(spec.clone()));
     let task = tokio::spawn(run(shared, spec.id, rx, status.clone()));
-    VmHandle { spec: tx, status, task }
+    VmHandle {
+        spec: tx,
+        status,
+        task,
+    }
 }
 
 struct Actor {
@@ -160,7 +170,8 @@ impl Actor {
                 self.report(ObservedState::Running, spec.reboots, None);
             }
             PowerState::Running => {
-                let asked = first || self.last_power == Some(PowerState::Stopped) || spec.reboots > done;
+                let asked =
+                    first || self.last_power == Some(PowerState::Stopped) || spec.reboots > done;
                 if asked {
                     self.report(ObservedState::Starting, spec.reboots, None);
                     tracing::info!(vm = %spec.name, "starting");
@@ -191,7 +202,11 @@ impl Actor {
                 }
                 self.reboots_done = Some(spec.reboots);
                 self.failed = false;
-                let state = if self.guest.is_running().await { ObservedState::Stopping } else { ObservedState::Stopped };
+                let state = if self.guest.is_running().await {
+                    ObservedState::Stopping
+                } else {
+                    ObservedState::Stopped
+                };
                 self.report(state, spec.reboots, None);
             }
         }

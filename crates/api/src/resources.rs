@@ -18,7 +18,9 @@ pub struct Resources {
 
 impl Resources {
     pub fn fits_in(&self, free: &Resources) -> bool {
-        self.vcpus <= free.vcpus && self.memory_mib <= free.memory_mib && self.disk_gib <= free.disk_gib
+        self.vcpus <= free.vcpus
+            && self.memory_mib <= free.memory_mib
+            && self.disk_gib <= free.disk_gib
     }
 
     pub fn saturating_sub(&self, other: &Resources) -> Resources {

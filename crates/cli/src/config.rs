@@ -44,8 +44,12 @@ pub fn client() -> Result<Client> {
         Ok(b) => Some(serde_json::from_slice(&b).context("reading the credentials file")?),
         Err(_) => None,
     };
-    let url = std::env::var("KUMO_URL").ok().or_else(|| saved.as_ref().map(|c| c.url.clone()));
-    let token = std::env::var("KUMO_TOKEN").ok().or_else(|| saved.as_ref().map(|c| c.token.clone()));
+    let url = std::env::var("KUMO_URL")
+        .ok()
+        .or_else(|| saved.as_ref().map(|c| c.url.clone()));
+    let token = std::env::var("KUMO_TOKEN")
+        .ok()
+        .or_else(|| saved.as_ref().map(|c| c.token.clone()));
     match (url, token) {
         (Some(url), Some(token)) => Ok(Client::new(&url, &token)),
         _ => anyhow::bail!(

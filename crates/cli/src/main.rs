@@ -52,24 +52,37 @@ enum Command {
 #[derive(Subcommand)]
 enum ZoneCmd {
     List,
+    Show {
+        name: String,
+    },
     Create {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum HostCmd {
     /// Capacity, allocation, load and state of every host.
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Take a host out of placement (its VMs keep running).
-    Disable { name: String },
-    Enable { name: String },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
     /// Remove a host without VMs from the pool.
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
     /// Join tokens for new hosts.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -89,20 +102,26 @@ enum TokenCmd {
 #[derive(Subcommand)]
 enum ImageCmd {
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     /// Import a qcow2 or raw disk image file.
     Import {
         name: String,
         #[arg(long)]
         file: PathBuf,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum VmCmd {
     List,
-    Show { name: String },
+    Show {
+        name: String,
+    },
     Create {
         name: String,
         #[arg(long)]
@@ -182,7 +201,10 @@ async fn run(cli: Cli) -> Result<()> {
         let client = Client::new(url, token.trim());
         client.zones().await.context("checking the URL and token")?;
         let path = config::save(url, token.trim())?;
-        println!("logged in to {url}; credentials saved in {}", path.display());
+        println!(
+            "logged in to {url}; credentials saved in {}",
+            path.display()
+        );
         return Ok(());
     }
     let client = config::client()?;
@@ -190,9 +212,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Login { .. } => unreachable!("handled above"),
         Command::Zone(cmd) => match cmd {
             ZoneCmd::List => out.zones(&client.zones().await?),
-            ZoneCmd::Create { name, description } => {
-                out.zones(&[client.zone_create(&CreateZone { name, description }).await?])
-            }
+            ZoneCmd::Show { name } => out.zones(&[client.zone(&name).await?]),
+            ZoneCmd::Create { name, description } => out.zones(&[client
+                .zone_create(&CreateZone { name, description })
+                .await?]),
             ZoneCmd::Delete { name } => {
                 client.zone_delete(&name).await?;
                 out.done(&format!("zone {name} deleted"));
@@ -208,7 +231,9 @@ async fn run(cli: Cli) -> Result<()> {
                 out.done(&format!("host {name} removed"));
             }
             HostCmd::Token(TokenCmd::Create { ttl }) => {
-                let t = client.join_token_create(&CreateJoinToken { ttl_seconds: ttl }).await?;
+                let t = client
+                    .join_token_create(&CreateJoinToken { ttl_seconds: ttl })
+                    .await?;
                 match out {
                     Format::Json => output::json(&t),
                     Format::Table => println!("{}", t.token.unwrap_or_default()),
@@ -222,7 +247,13 @@ async fn run(cli: Cli) -> Result<()> {
                         &["ID", "EXPIRES IN", "AGE"],
                         tokens
                             .iter()
-                            .map(|t| vec![t.id.to_string(), output::until(t.expires_at), age(t.created_at)])
+                            .map(|t| {
+                                vec![
+                                    t.id.to_string(),
+                                    output::until(t.expires_at),
+                                    age(t.created_at),
+                                ]
+                            })
                             .collect(),
                     ),
                 }
@@ -281,12 +312,25 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                 zone,
                 start: Some(!no_start),
             };
-            let target = if no_start { VmState::Stopped } else { VmState::Running };
+            let target = if no_start {
+                VmState::Stopped
+            } else {
+                VmState::Running
+            };
             (client.vm_create(&req).await?, wait.then_some(target))
         }
-        VmCmd::Start { name, wait } => (client.vm_action(&name, "start").await?, wait.then_some(VmState::Running)),
-        VmCmd::Stop { name, wait } => (client.vm_action(&name, "stop").await?, wait.then_some(VmState::Stopped)),
-        VmCmd::Reboot { name, wait } => (client.vm_action(&name, "reboot").await?, wait.then_some(VmState::Running)),
+        VmCmd::Start { name, wait } => (
+            client.vm_action(&name, "start").await?,
+            wait.then_some(VmState::Running),
+        ),
+        VmCmd::Stop { name, wait } => (
+            client.vm_action(&name, "stop").await?,
+            wait.then_some(VmState::Stopped),
+        ),
+        VmCmd::Reboot { name, wait } => (
+            client.vm_action(&name, "reboot").await?,
+            wait.then_some(VmState::Running),
+        ),
         VmCmd::Delete { name, wait } => {
             let vm = client.vm_delete(&name).await?;
             if wait {
@@ -326,10 +370,17 @@ async fn wait_state(client: &Client, name: &str, target: VmState) -> Result<Vm> 
             break Ok(vm);
         }
         if vm.state == VmState::Failed && target != VmState::Failed {
-            break Err(anyhow::anyhow!("VM {name} failed: {}", vm.message.unwrap_or_default()));
+            break Err(anyhow::anyhow!(
+                "VM {name} failed: {}",
+                vm.message.unwrap_or_default()
+            ));
         }
         if start.elapsed() > WAIT_LIMIT {
-            break Err(anyhow::anyhow!("VM {name} is still {} after {} s", vm.state, WAIT_LIMIT.as_secs()));
+            break Err(anyhow::anyhow!(
+                "VM {name} is still {} after {} s",
+                vm.state,
+                WAIT_LIMIT.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -344,7 +395,11 @@ async fn wait_gone(client: &Client, name: &str) -> Result<()> {
         match client.vm(name).await {
             Err(e) if e.code() == Some(kumo_api::ErrorCode::NotFound) => break Ok(()),
             Err(e) => break Err(e.into()),
-            Ok(vm) if start.elapsed() > WAIT_LIMIT => bail!("VM {name} is still {} after {} s", vm.state, WAIT_LIMIT.as_secs()),
+            Ok(vm) if start.elapsed() > WAIT_LIMIT => bail!(
+                "VM {name} is still {} after {} s",
+                vm.state,
+                WAIT_LIMIT.as_secs()
+            ),
             Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };

@@ -24,7 +24,11 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(headers.to_vec());
@@ -67,7 +71,9 @@ pub fn spinner(msg: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("valid template"),
+    );
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(100));
     pb
@@ -87,7 +93,10 @@ impl Format {
         }
         table(
             &["NAME", "DESCRIPTION", "AGE"],
-            zones.iter().map(|z| vec![z.name.clone(), z.description.clone(), age(z.created_at)]).collect(),
+            zones
+                .iter()
+                .map(|z| vec![z.name.clone(), z.description.clone(), age(z.created_at)])
+                .collect(),
         );
     }
 
@@ -96,7 +105,19 @@ impl Format {
             return json(hosts);
         }
         table(
-            &["NAME", "ZONE", "STATE", "VMS", "VCPUS", "MEMORY", "DISK", "CPU%", "MEM USED", "HYPERVISOR", "HEARTBEAT"],
+            &[
+                "NAME",
+                "ZONE",
+                "STATE",
+                "VMS",
+                "VCPUS",
+                "MEMORY",
+                "DISK",
+                "CPU%",
+                "MEM USED",
+                "HYPERVISOR",
+                "HEARTBEAT",
+            ],
             hosts
                 .iter()
                 .map(|h| {
@@ -107,9 +128,14 @@ impl Format {
                         h.state.to_string(),
                         h.vm_count.to_string(),
                         format!("{}/{}", h.allocated.vcpus, h.capacity.vcpus),
-                        format!("{}/{}", gib(h.allocated.memory_mib), gib(h.capacity.memory_mib)),
+                        format!(
+                            "{}/{}",
+                            gib(h.allocated.memory_mib),
+                            gib(h.capacity.memory_mib)
+                        ),
                         format!("{}/{}G", h.allocated.disk_gib, h.capacity.disk_gib),
-                        h.load.map_or("-".into(), |_| format!("{:.0}", load.cpu_percent)),
+                        h.load
+                            .map_or("-".into(), |_| format!("{:.0}", load.cpu_percent)),
                         h.load.map_or("-".into(), |_| gib(load.memory_used_mib)),
                         format!(
                             "{} {} {}",
@@ -118,7 +144,8 @@ impl Format {
                             h.hypervisor.accel
                         )
                         .replace("  ", " "),
-                        h.last_heartbeat.map_or("never".into(), |t| format!("{} ago", age(t))),
+                        h.last_heartbeat
+                            .map_or("never".into(), |t| format!("{} ago", age(t))),
                     ]
                 })
                 .collect(),
@@ -152,7 +179,10 @@ impl Format {
             return json(vms);
         }
         table(
-            &["NAME", "STATE", "HOST", "ZONE", "IMAGE", "VCPUS", "MEMORY", "DISK", "CPU%", "AGE", "MESSAGE"],
+            &[
+                "NAME", "STATE", "HOST", "ZONE", "IMAGE", "VCPUS", "MEMORY", "DISK", "CPU%", "AGE",
+                "MESSAGE",
+            ],
             vms.iter()
                 .map(|v| {
                     vec![
@@ -181,7 +211,15 @@ impl Format {
             &["SEQ", "AGE", "KIND", "RESOURCE", "MESSAGE"],
             events
                 .iter()
-                .map(|e| vec![e.seq.to_string(), age(e.time), e.kind.clone(), e.resource.clone(), e.message.clone()])
+                .map(|e| {
+                    vec![
+                        e.seq.to_string(),
+                        age(e.time),
+                        e.kind.clone(),
+                        e.resource.clone(),
+                        e.message.clone(),
+                    ]
+                })
                 .collect(),
         );
     }

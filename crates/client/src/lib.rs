@@ -76,9 +76,9 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        Err(Error::Api(serde_json::from_str(&text).unwrap_or_else(|_| {
-            ApiError::new(ErrorCode::Internal, format!("HTTP {status}: {text}"))
-        })))
+        Err(Error::Api(serde_json::from_str(&text).unwrap_or_else(
+            |_| ApiError::new(ErrorCode::Internal, format!("HTTP {status}: {text}")),
+        )))
     }
 
     async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
@@ -98,11 +98,17 @@ impl Client {
     }
 
     async fn delete(&self, path: &str) -> Result<()> {
-        self.send(self.request(Method::DELETE, path)).await.map(drop)
+        self.send(self.request(Method::DELETE, path))
+            .await
+            .map(drop)
     }
 
     pub async fn zones(&self) -> Result<Vec<Zone>> {
         self.get("/v1/zones").await
+    }
+
+    pub async fn zone(&self, name: &str) -> Result<Zone> {
+        self.get(&format!("/v1/zones/{name}")).await
     }
 
     pub async fn zone_create(&self, req: &CreateZone) -> Result<Zone> {
@@ -186,7 +192,8 @@ impl Client {
     }
 
     pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
-        self.json(self.request(Method::DELETE, &format!("/v1/vms/{name}"))).await
+        self.json(self.request(Method::DELETE, &format!("/v1/vms/{name}")))
+            .await
     }
 
     pub async fn console_log(&self, name: &str) -> Result<ConsoleLog> {

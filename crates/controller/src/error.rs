@@ -36,7 +36,8 @@ impl IntoResponse for Error {
                 ApiError::new(ErrorCode::Internal, chain)
             }
         };
-        let status = StatusCode::from_u16(body.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(body.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(body)).into_response()
     }
 }

@@ -21,11 +21,16 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     if !(args.down_after > 0.0 && args.down_after <= 3600.0) {
-        anyhow::bail!("--down-after: {} is out of range: use more than 0 and at most 3600 seconds", args.down_after);
+        anyhow::bail!(
+            "--down-after: {} is out of range: use more than 0 and at most 3600 seconds",
+            args.down_after
+        );
     }
     let server = kumod::start(kumod::Config {
         data_dir: args.data_dir,

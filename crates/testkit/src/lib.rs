@@ -142,13 +142,17 @@ impl SimCloud {
     pub async fn host_with(&mut self, config: kumo_agent::Config) -> Result<()> {
         let name = config.name.clone();
         self.agents.push(kumo_agent::start(config).await?);
-        wait_until(Duration::from_secs(10), &format!("host {name} ready"), || async {
-            self.client
-                .host(&name)
-                .await
-                .ok()
-                .filter(|h| h.state == kumo_api::HostState::Ready)
-        })
+        wait_until(
+            Duration::from_secs(10),
+            &format!("host {name} ready"),
+            || async {
+                self.client
+                    .host(&name)
+                    .await
+                    .ok()
+                    .filter(|h| h.state == kumo_api::HostState::Ready)
+            },
+        )
         .await?;
         Ok(())
     }
@@ -165,18 +169,30 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` first",
+        path.display()
+    );
     path
 }
 
 /// The tiny guest image, built by `scripts/build-guest-image` (cached).
 pub fn tiny_image() -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-guest-image");
-    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output()?;
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()?;
     if !out.status.success() {
         bail!("building the tiny guest image failed");
     }
-    let path = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().trim().to_string();
+    let path = String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     Ok(PathBuf::from(path))
 }
 
@@ -188,7 +204,10 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -231,7 +250,9 @@ pub struct RealCloud {
 
 impl RealCloud {
     pub async fn start() -> Result<RealCloud> {
-        let dir = tempfile::Builder::new().prefix("kumo-e2e").tempdir_in("/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("kumo-e2e")
+            .tempdir_in("/tmp")?;
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut cloud = RealCloud {
@@ -262,15 +283,25 @@ impl RealCloud {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(["--down-after", "3"]);
-        self.controller = Some(Proc::spawn("kumod", &mut cmd, &self.dir.path().join("kumod.log"))?);
+        self.controller = Some(Proc::spawn(
+            "kumod",
+            &mut cmd,
+            &self.dir.path().join("kumod.log"),
+        )?);
         let token_path = data.join("admin-token");
         let token = wait_until(Duration::from_secs(10), "kumod admin token", || async {
-            std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+            std::fs::read_to_string(&token_path)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
         })
         .await?;
         self.client = Client::new(&self.url, &token);
         let client = self.client.clone();
-        wait_until(Duration::from_secs(10), "kumod serving", || async { client.zones().await.ok() }).await?;
+        wait_until(Duration::from_secs(10), "kumod serving", || async {
+            client.zones().await.ok()
+        })
+        .await?;
         Ok(())
     }
 
@@ -301,7 +332,11 @@ impl RealCloud {
             "--zone".into(),
             zone.into(),
             "--data-dir".into(),
-            self.dir.path().join(format!("host-{name}")).display().to_string(),
+            self.dir
+                .path()
+                .join(format!("host-{name}"))
+                .display()
+                .to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--accel".into(),
@@ -319,17 +354,25 @@ impl RealCloud {
     fn spawn_agent(&self, name: &str, args: &[String]) -> Result<Proc> {
         let mut cmd = Command::new(bin("kumo-agent"));
         cmd.args(args);
-        Proc::spawn(&format!("agent {name}"), &mut cmd, &self.dir.path().join(format!("agent-{name}.log")))
+        Proc::spawn(
+            &format!("agent {name}"),
+            &mut cmd,
+            &self.dir.path().join(format!("agent-{name}.log")),
+        )
     }
 
     pub async fn wait_host_ready(&self, name: &str) -> Result<()> {
-        wait_until(Duration::from_secs(20), &format!("host {name} ready"), || async {
-            self.client
-                .host(name)
-                .await
-                .ok()
-                .filter(|h| h.state == kumo_api::HostState::Ready)
-        })
+        wait_until(
+            Duration::from_secs(20),
+            &format!("host {name} ready"),
+            || async {
+                self.client
+                    .host(name)
+                    .await
+                    .ok()
+                    .filter(|h| h.state == kumo_api::HostState::Ready)
+            },
+        )
         .await?;
         Ok(())
     }
@@ -342,7 +385,11 @@ impl RealCloud {
     }
 
     pub fn restart_agent(&mut self, name: &str) -> Result<()> {
-        let i = self.agents.iter().position(|(n, _, _)| n == name).context("no such agent")?;
+        let i = self
+            .agents
+            .iter()
+            .position(|(n, _, _)| n == name)
+            .context("no such agent")?;
         let args = self.agents[i].2.clone();
         self.agents[i].1 = self.spawn_agent(name, &args)?;
         Ok(())
@@ -353,7 +400,10 @@ impl RealCloud {
         let mut pids = Vec::new();
         for entry in walk(self.dir.path()) {
             if entry.file_name().is_some_and(|n| n == "qemu.pid") {
-                if let Some(pid) = std::fs::read_to_string(&entry).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                if let Some(pid) = std::fs::read_to_string(&entry)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
                     let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
                         .is_ok_and(|c| c.contains(&*self.dir.path().to_string_lossy()));
                     if alive {
@@ -378,9 +428,17 @@ impl RealCloud {
             let left = deadline.saturating_duration_since(Instant::now());
             let n = tokio::time::timeout(left, stream.read(&mut buf))
                 .await
-                .with_context(|| format!("no {expect:?} on the console of {vm}; saw {:?}", String::from_utf8_lossy(&seen)))??;
+                .with_context(|| {
+                    format!(
+                        "no {expect:?} on the console of {vm}; saw {:?}",
+                        String::from_utf8_lossy(&seen)
+                    )
+                })??;
             if n == 0 {
-                bail!("console of {vm} closed; saw {:?}", String::from_utf8_lossy(&seen));
+                bail!(
+                    "console of {vm} closed; saw {:?}",
+                    String::from_utf8_lossy(&seen)
+                );
             }
             seen.extend_from_slice(&buf[..n]);
             if String::from_utf8_lossy(&seen).contains(expect) {
@@ -391,9 +449,18 @@ impl RealCloud {
 
     /// Wait until the console log holds `text`.
     pub async fn wait_console(&self, vm: &str, text: &str, timeout: Duration) -> Result<String> {
-        wait_until(timeout, &format!("{text:?} on the console of {vm}"), || async {
-            self.client.console_log(vm).await.ok().map(|l| l.text).filter(|t| t.contains(text))
-        })
+        wait_until(
+            timeout,
+            &format!("{text:?} on the console of {vm}"),
+            || async {
+                self.client
+                    .console_log(vm)
+                    .await
+                    .ok()
+                    .map(|l| l.text)
+                    .filter(|t| t.contains(text))
+            },
+        )
         .await
     }
 }
@@ -418,10 +485,14 @@ impl Drop for RealCloud {
         self.agents.clear();
         self.controller.take();
         for pid in self.qemu_pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         if std::env::var_os("KUMO_KEEP_TEST_DIR").is_some() {
-            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+            let path =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
             eprintln!("kept test dir {}", path.display());
         }
     }

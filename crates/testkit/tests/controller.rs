@@ -24,7 +24,10 @@ async fn vm_lifecycle_on_a_simulated_host() {
     let c = &cloud.client;
     let vm = c.vm_create(&vm_request("web", "tiny")).await.unwrap();
     assert_eq!(vm.host, "h1");
-    assert_eq!(vm.size.disk_gib, 1, "disk defaults to the image's virtual size");
+    assert_eq!(
+        vm.size.disk_gib, 1,
+        "disk defaults to the image's virtual size"
+    );
     wait_vm(c, "web", VmState::Running, T).await.unwrap();
     let host = c.host("h1").await.unwrap();
     assert_eq!(host.allocated.vcpus, 1);
@@ -42,19 +45,35 @@ async fn vm_lifecycle_on_a_simulated_host() {
 
     let vm = c.vm_delete("web").await.unwrap();
     assert_eq!(vm.state, VmState::Deleting);
-    wait_until(T, "web gone", || async { c.vm("web").await.err().filter(|e| e.code() == Some(ErrorCode::NotFound)) })
-        .await
-        .unwrap();
+    wait_until(T, "web gone", || async {
+        c.vm("web")
+            .await
+            .err()
+            .filter(|e| e.code() == Some(ErrorCode::NotFound))
+    })
+    .await
+    .unwrap();
     assert_eq!(c.host("h1").await.unwrap().allocated.vcpus, 0);
 
     let kinds: Vec<String> = c
-        .events(&EventQuery { resource: Some("vm/web".into()), ..Default::default() })
+        .events(&EventQuery {
+            resource: Some("vm/web".into()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_iter()
         .map(|e| e.kind)
         .collect();
-    for k in ["vm.created", "vm.running", "vm.stop", "vm.stopped", "vm.reboot", "vm.delete", "vm.deleted"] {
+    for k in [
+        "vm.created",
+        "vm.running",
+        "vm.stop",
+        "vm.stopped",
+        "vm.reboot",
+        "vm.delete",
+        "vm.deleted",
+    ] {
         assert!(kinds.iter().any(|x| x == k), "no {k} event in {kinds:?}");
     }
 }
@@ -63,7 +82,13 @@ async fn vm_lifecycle_on_a_simulated_host() {
 async fn created_stopped_vm_starts_later() {
     let cloud = cloud_with_image().await;
     let c = &cloud.client;
-    let vm = c.vm_create(&CreateVm { start: Some(false), ..vm_request("cold", "tiny") }).await.unwrap();
+    let vm = c
+        .vm_create(&CreateVm {
+            start: Some(false),
+            ..vm_request("cold", "tiny")
+        })
+        .await
+        .unwrap();
     assert_eq!(vm.power, PowerState::Stopped);
     wait_vm(c, "cold", VmState::Stopped, T).await.unwrap();
     c.vm_action("cold", "start").await.unwrap();
@@ -73,27 +98,51 @@ async fn created_stopped_vm_starts_later() {
 #[tokio::test]
 async fn host_without_heartbeats_goes_down_and_comes_back() {
     let mut cloud = cloud_with_image().await;
-    cloud.client.vm_create(&vm_request("db", "tiny")).await.unwrap();
-    wait_vm(&cloud.client, "db", VmState::Running, T).await.unwrap();
-    let config = cloud.agent_config("h1", "z1");
-    cloud.stop_host(0);
-    let c = cloud.client.clone();
-    wait_until(T, "h1 down", || async { c.host("h1").await.ok().filter(|h| h.state == HostState::Down) })
+    cloud
+        .client
+        .vm_create(&vm_request("db", "tiny"))
         .await
         .unwrap();
+    wait_vm(&cloud.client, "db", VmState::Running, T)
+        .await
+        .unwrap();
+    let mut config = cloud.agent_config("h1", "z1");
+    cloud.stop_host(0);
+    let c = cloud.client.clone();
+    wait_until(T, "h1 down", || async {
+        c.host("h1")
+            .await
+            .ok()
+            .filter(|h| h.state == HostState::Down)
+    })
+    .await
+    .unwrap();
     let vm = wait_vm(&c, "db", VmState::Unknown, T).await.unwrap();
     assert!(vm.message.unwrap().contains("h1 is down"));
     let err = c.vm_create(&vm_request("other", "tiny")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NoValidHost));
     assert!(err.to_string().contains("1 not ready"), "{err}");
 
-    // The host comes back under the same name: same host, same VM, no copies.
+    // The host comes back under the same name (with more CPUs now, and no
+    // join token needed): same host, same VM, no copies.
+    config.capacity.vcpus = Some(16);
+    config.join_token = None;
     cloud.host_with(config).await.unwrap();
     wait_vm(&c, "db", VmState::Running, T).await.unwrap();
+    assert_eq!(c.host("h1").await.unwrap().capacity.vcpus, 16);
     assert_eq!(c.hosts().await.unwrap().len(), 1);
     assert_eq!(c.vms().await.unwrap().len(), 1);
-    let kinds: Vec<String> = c.events(&EventQuery::default()).await.unwrap().into_iter().map(|e| e.kind).collect();
-    assert!(kinds.contains(&"host.down".to_string()) && kinds.contains(&"host.up".to_string()), "{kinds:?}");
+    let kinds: Vec<String> = c
+        .events(&EventQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"host.down".to_string()) && kinds.contains(&"host.up".to_string()),
+        "{kinds:?}"
+    );
 }
 
 #[tokio::test]
@@ -101,19 +150,34 @@ async fn placement_explains_refusals_and_honours_zones() {
     let mut cloud = cloud_with_image().await;
     cloud.host("h2", "z2").await.unwrap();
     let c = &cloud.client;
-    let vm = c.vm_create(&CreateVm { zone: Some("z2".into()), ..vm_request("a", "tiny") }).await.unwrap();
+    let vm = c
+        .vm_create(&CreateVm {
+            zone: Some("z2".into()),
+            ..vm_request("a", "tiny")
+        })
+        .await
+        .unwrap();
     assert_eq!(vm.host, "h2");
     c.host_enable("h2", false).await.unwrap();
     assert_eq!(c.host("h2").await.unwrap().state, HostState::Disabled);
     let err = c
-        .vm_create(&CreateVm { zone: Some("z2".into()), ..vm_request("b", "tiny") })
+        .vm_create(&CreateVm {
+            zone: Some("z2".into()),
+            ..vm_request("b", "tiny")
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NoValidHost));
     let msg = err.to_string();
-    assert!(msg.contains("1 not ready") && msg.contains("1 in another zone"), "{msg}");
+    assert!(
+        msg.contains("1 not ready") && msg.contains("1 in another zone"),
+        "{msg}"
+    );
     let err = c
-        .vm_create(&CreateVm { vcpus: 9, ..vm_request("b", "tiny") })
+        .vm_create(&CreateVm {
+            vcpus: 9,
+            ..vm_request("b", "tiny")
+        })
         .await
         .unwrap_err();
     assert!(err.to_string().contains("1 too few free vCPUs"), "{err}");
@@ -132,42 +196,120 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
     let cases: Vec<(CreateVm, ErrorCode, &str)> = vec![
         (vm_request("x", "nope"), ErrorCode::InvalidInput, "image"),
-        (CreateVm { vcpus: 0, ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "vcpus"),
-        (CreateVm { vcpus: 100_000, ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "vcpus"),
-        (CreateVm { memory_mib: 0, ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "memory_mib"),
-        (CreateVm { memory_mib: u64::MAX, ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "memory_mib"),
-        (CreateVm { disk_gib: Some(0), ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "disk_gib"),
-        (CreateVm { zone: Some("mars".into()), ..vm_request("x", "tiny") }, ErrorCode::InvalidInput, "zone"),
-        (vm_request("Bad_Name", "tiny"), ErrorCode::InvalidInput, "name"),
-        (vm_request("taken", "tiny"), ErrorCode::AlreadyExists, "name"),
-        (CreateVm { memory_mib: 1 << 20, ..vm_request("x", "tiny") }, ErrorCode::NoValidHost, "memory"),
+        (
+            CreateVm {
+                vcpus: 0,
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "vcpus",
+        ),
+        (
+            CreateVm {
+                vcpus: 100_000,
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "vcpus",
+        ),
+        (
+            CreateVm {
+                memory_mib: 0,
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "memory_mib",
+        ),
+        (
+            CreateVm {
+                memory_mib: u64::MAX,
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "memory_mib",
+        ),
+        (
+            CreateVm {
+                disk_gib: Some(0),
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "disk_gib",
+        ),
+        (
+            CreateVm {
+                zone: Some("mars".into()),
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::InvalidInput,
+            "zone",
+        ),
+        (
+            vm_request("Bad_Name", "tiny"),
+            ErrorCode::InvalidInput,
+            "name",
+        ),
+        (
+            vm_request("taken", "tiny"),
+            ErrorCode::AlreadyExists,
+            "name",
+        ),
+        (
+            CreateVm {
+                memory_mib: 1 << 20,
+                ..vm_request("x", "tiny")
+            },
+            ErrorCode::NoValidHost,
+            "memory",
+        ),
     ];
     for (req, code, field) in cases {
         let err = c.vm_create(&req).await.unwrap_err();
         assert_eq!(err.code(), Some(code), "{err}");
         assert!(err.to_string().contains(field), "{err} should name {field}");
     }
-    let err = c.zone_create(&CreateZone { name: "z1".into(), description: String::new() }).await.unwrap_err();
+    let err = c
+        .zone_create(&CreateZone {
+            name: "z1".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyExists));
 
     // Malformed image files.
     let dir = cloud.dir.path();
     std::fs::write(dir.join("odd.raw"), b"not a disk image").unwrap();
-    let err = c.image_import("odd", &dir.join("odd.raw")).await.unwrap_err();
+    let err = c
+        .image_import("odd", &dir.join("odd.raw"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidInput), "{err}");
     assert!(err.to_string().contains("file"), "{err}");
     let good = std::fs::read(blank_image(dir)).unwrap();
     std::fs::write(dir.join("cut.qcow2"), &good[..good.len() / 3]).unwrap();
-    let err = c.image_import("cut", &dir.join("cut.qcow2")).await.unwrap_err();
+    let err = c
+        .image_import("cut", &dir.join("cut.qcow2"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidInput), "{err}");
-    let err = c.image_import("tiny", &dir.join("blank.qcow2")).await.unwrap_err();
+    let err = c
+        .image_import("tiny", &dir.join("blank.qcow2"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyExists));
     assert_eq!(c.images().await.unwrap().len(), 1);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.join("controller/images")).unwrap().flatten().collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("controller/images"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert_eq!(leftovers.len(), 1, "rejected uploads leave no files");
 
     assert_eq!(c.vms().await.unwrap(), before_vms);
-    assert_eq!(c.events(&EventQuery::default()).await.unwrap().len(), before_events);
+    assert_eq!(
+        c.events(&EventQuery::default()).await.unwrap().len(),
+        before_events
+    );
 }
 
 #[tokio::test]
@@ -187,7 +329,9 @@ async fn tokens_are_checked_on_every_endpoint() {
     let err = Client::new(&url, &host_token).vms().await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(cloud.dir.path().join("controller/admin-token")).unwrap().permissions(),
+        &std::fs::metadata(cloud.dir.path().join("controller/admin-token"))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
 }

@@ -36,9 +36,18 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     // Boot: the guest gets its name from the cloud and gives a shell.
     c.vm_create(&vm("web")).await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
-    cloud.wait_console("web", &format!("{BANNER}web"), BOOT).await.unwrap();
-    cloud.wait_console("web", "kumo guest ready", BOOT).await.unwrap();
-    let out = cloud.console_run("web", "echo hi-$((40+2))", "hi-42").await.unwrap();
+    cloud
+        .wait_console("web", &format!("{BANNER}web"), BOOT)
+        .await
+        .unwrap();
+    cloud
+        .wait_console("web", "kumo guest ready", BOOT)
+        .await
+        .unwrap();
+    let out = cloud
+        .console_run("web", "echo hi-$((40+2))", "hi-42")
+        .await
+        .unwrap();
     assert!(out.contains("hi-42"));
     let pids = cloud.qemu_pids();
     assert_eq!(pids.len(), 1, "one QEMU for one VM");
@@ -46,7 +55,10 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     // kill -9 the agent: the guest keeps running; a new agent re-attaches.
     cloud.kill_agent("h1");
     wait_until(Duration::from_secs(15), "h1 down", || async {
-        c.host("h1").await.ok().filter(|h| h.state == HostState::Down)
+        c.host("h1")
+            .await
+            .ok()
+            .filter(|h| h.state == HostState::Down)
     })
     .await
     .unwrap();
@@ -55,7 +67,10 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     cloud.wait_host_ready("h1").await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
     assert_eq!(cloud.qemu_pids(), pids, "re-attached, not restarted");
-    cloud.console_run("web", "echo still-$((1+1))", "still-2").await.unwrap();
+    cloud
+        .console_run("web", "echo still-$((1+1))", "still-2")
+        .await
+        .unwrap();
 
     // kill -9 the controller: hosts and VMs are all there after a restart.
     let hosts_before = c.hosts().await.unwrap();
@@ -68,7 +83,10 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     assert_eq!(hosts_after[0].id, hosts_before[0].id);
     let vms_after = c.vms().await.unwrap();
     assert_eq!(vms_after.len(), 1);
-    assert_eq!((vms_after[0].id, vms_after[0].host_id), (vms_before[0].id, vms_before[0].host_id));
+    assert_eq!(
+        (vms_after[0].id, vms_after[0].host_id),
+        (vms_before[0].id, vms_before[0].host_id)
+    );
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
     assert_eq!(cloud.qemu_pids(), pids);
 
@@ -77,7 +95,10 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     let before = boots(&c.console_log("web").await.unwrap().text);
     c.vm_action("web", "reboot").await.unwrap();
     wait_until(BOOT, "a second boot", || async {
-        c.console_log("web").await.ok().filter(|l| boots(&l.text) > before)
+        c.console_log("web")
+            .await
+            .ok()
+            .filter(|l| boots(&l.text) > before)
     })
     .await
     .unwrap();
@@ -90,9 +111,14 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     assert!(cloud.qemu_pids().is_empty(), "stopped means no QEMU");
     c.vm_action("web", "start").await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
-    cloud.wait_console("web", "kumo guest ready", BOOT).await.unwrap();
+    cloud
+        .wait_console("web", "kumo guest ready", BOOT)
+        .await
+        .unwrap();
     assert_eq!(cloud.qemu_pids().len(), 1);
     c.vm_delete("web").await.unwrap();
-    wait_until(BOOT, "web deleted", || async { c.vm("web").await.err() }).await.unwrap();
+    wait_until(BOOT, "web deleted", || async { c.vm("web").await.err() })
+        .await
+        .unwrap();
     assert!(cloud.qemu_pids().is_empty(), "deleted means no QEMU");
 }

@@ -15,7 +15,10 @@ pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf
     let path = dir.join(&image.sha256);
     let lock = {
         let mut locks = shared.image_locks.lock().await;
-        locks.entry(image.sha256.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone()
+        locks
+            .entry(image.sha256.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
     };
     let _guard = lock.lock().await;
     if tokio::fs::try_exists(&path).await? {
@@ -45,7 +48,11 @@ pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf
     let got = hex::encode(hasher.finalize());
     if got != image.sha256 {
         let _ = tokio::fs::remove_file(&tmp).await;
-        bail!("image {} arrived with sha256 {got}, expected {}", image.id, image.sha256);
+        bail!(
+            "image {} arrived with sha256 {got}, expected {}",
+            image.id,
+            image.sha256
+        );
     }
     tokio::fs::rename(&tmp, &path).await?;
     tracing::info!(image = %image.id, bytes = image.size_bytes, "image cached");

@@ -101,7 +101,20 @@ async fn kvm_works(data_dir: &Path) -> bool {
     let sock = data_dir.join("kvm-probe.sock");
     let _ = std::fs::remove_file(&sock);
     let child = tokio::process::Command::new(BINARY)
-        .args(["-accel", "kvm", "-M", "pc", "-m", "32", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            "kvm",
+            "-M",
+            "pc",
+            "-cpu",
+            "host",
+            "-m",
+            "32",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdout(Stdio::null())
@@ -136,7 +149,11 @@ impl QemuGuest {
     /// The QEMU process of this guest, if it is alive. The command line must
     /// name this guest's directory, so a reused pid is not mistaken for it.
     fn live_pid(&self) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.path("qemu.pid")).ok()?.trim().parse().ok()?;
+        let pid: i32 = std::fs::read_to_string(self.path("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let state = stat[stat.rfind(')')? + 2..].chars().next()?;
         if state == 'Z' || state == 'X' {
@@ -144,7 +161,9 @@ impl QemuGuest {
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let dir = self.dir.to_string_lossy();
-        String::from_utf8_lossy(&cmdline).contains(dir.as_ref()).then_some(pid)
+        String::from_utf8_lossy(&cmdline)
+            .contains(dir.as_ref())
+            .then_some(pid)
     }
 
     pub async fn is_running(&mut self) -> bool {
@@ -174,14 +193,25 @@ impl QemuGuest {
     pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
         tokio::fs::create_dir_all(&self.dir).await?;
         if self.path("console.sock").as_os_str().len() > MAX_SOCKET_PATH {
-            bail!("data dir path too long for unix sockets: {}", self.dir.display());
+            bail!(
+                "data dir path too long for unix sockets: {}",
+                self.dir.display()
+            );
         }
         let image = images::ensure(shared, &spec.image).await?;
         let disk = self.path("disk.qcow2");
         if !disk.exists() {
             let tmp = self.path("disk.qcow2.tmp");
             run(tokio::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", spec.image.format.as_str(), "-b"])
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    spec.image.format.as_str(),
+                    "-b",
+                ])
                 .arg(&image)
                 .arg(&tmp)
                 .arg(format!("{}G", spec.size.disk_gib)))
@@ -272,7 +302,9 @@ impl QemuGuest {
             let _ = tokio::time::timeout(Duration::from_secs(2), qmp.quit()).await;
         }
         for _ in 0..20 {
-            let Some(pid) = self.live_pid() else { return Ok(()) };
+            let Some(pid) = self.live_pid() else {
+                return Ok(());
+            };
             if self.pid.is_none() {
                 self.pid = Some(pid);
             }
@@ -306,7 +338,8 @@ impl QemuGuest {
         let last = self.cpu_sample.replace((ticks, now));
         let (t0, i0) = last?;
         let secs = now.duration_since(i0).as_secs_f32();
-        (secs > 0.0).then(|| 100.0 * ticks.saturating_sub(t0) as f32 / metrics::TICKS_PER_SECOND / secs)
+        (secs > 0.0)
+            .then(|| 100.0 * ticks.saturating_sub(t0) as f32 / metrics::TICKS_PER_SECOND / secs)
     }
 }
 

@@ -10,8 +10,8 @@ use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventor
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
-    HostState, HypervisorInfo, ImageRef, Millis, RegisterHost, RegisterHostResponse,
-    Resources, VmSpec, VmState, DEFAULT_PROJECT,
+    HostState, HypervisorInfo, ImageRef, Millis, RegisterHost, RegisterHostResponse, Resources,
+    VmSpec, VmState, DEFAULT_PROJECT,
 };
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
@@ -88,7 +88,9 @@ impl Inventory {
         self.vms
             .values()
             .filter(|v| v.host_id == host)
-            .fold((Resources::default(), 0), |(r, n), v| (r.add(&v.size), n + 1))
+            .fold((Resources::default(), 0), |(r, n), v| {
+                (r.add(&v.size), n + 1)
+            })
     }
 
     pub fn host_view(&self, h: &HostEntry) -> Host {
@@ -156,11 +158,23 @@ impl App {
     }
 
     /// Join a host, or let a known host (same name) join again: it keeps its
-    /// id and VMs and gets a new token.
-    pub async fn host_register(&self, req: RegisterHost) -> Result<RegisterHostResponse> {
+    /// id and VMs and gets a new token. `known_host` is the host the caller's
+    /// own token belongs to; it needs no join token to re-register itself.
+    pub async fn host_register(
+        &self,
+        req: RegisterHost,
+        known_host: Option<&str>,
+    ) -> Result<RegisterHostResponse> {
         validate_name("name", &req.name)?;
         let mut inv = self.inv.write().await;
-        if !App::join_token_valid(&inv, &req.join_token) {
+        if known_host.is_some_and(|h| h != req.name) {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "name: a host token can only re-register its own host",
+            )
+            .into());
+        }
+        if known_host.is_none() && !App::join_token_valid(&inv, &req.join_token) {
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
                 "join_token: unknown or expired join token; create one with `kumo host token create`",
@@ -176,7 +190,11 @@ impl App {
             .into());
         }
         if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
-            return Err(ApiError::invalid("capacity", "a host needs at least one CPU and some memory").into());
+            return Err(ApiError::invalid(
+                "capacity",
+                "a host needs at least one CPU and some memory",
+            )
+            .into());
         }
         let token = random_secret();
         let existing = inv.hosts.get(&req.name).map(|h| h.rec.clone());
@@ -208,7 +226,11 @@ impl App {
         };
         let mut batch = Batch::default();
         batch.put(key(&rec.name), &rec);
-        let (kind, what) = if existing.is_some() { ("host.rejoined", "rejoined") } else { ("host.joined", "joined") };
+        let (kind, what) = if existing.is_some() {
+            ("host.rejoined", "rejoined")
+        } else {
+            ("host.joined", "joined")
+        };
         batch.event(
             kind,
             format!("host/{}", rec.name),
@@ -227,7 +249,8 @@ impl App {
         if let Some(old) = &existing {
             inv.host_tokens.remove(&old.token_sha256);
         }
-        inv.host_tokens.insert(rec.token_sha256.clone(), rec.name.clone());
+        inv.host_tokens
+            .insert(rec.token_sha256.clone(), rec.name.clone());
         let host_id = rec.id;
         let generation = rec.generation;
         match inv.hosts.get_mut(&rec.name) {
@@ -246,7 +269,12 @@ impl App {
 
     /// The host name a bearer token belongs to.
     pub async fn host_for_token(&self, token: &str) -> Option<String> {
-        self.inv.read().await.host_tokens.get(&sha256_hex(token)).cloned()
+        self.inv
+            .read()
+            .await
+            .host_tokens
+            .get(&sha256_hex(token))
+            .cloned()
     }
 
     /// Record a heartbeat: liveness and load in memory, VM states through
@@ -256,7 +284,12 @@ impl App {
         let entry = lookup(&inv.hosts, "host", host)?.clone();
         let mut batch = Batch::default();
         if entry.live.down {
-            batch.event("host.up", format!("host/{host}"), &entry.rec.project, "heartbeats resumed".into());
+            batch.event(
+                "host.up",
+                format!("host/{host}"),
+                &entry.rec.project,
+                "heartbeats resumed".into(),
+            );
         }
         let applied = hb.applied_generation;
         let reported = vms::reconcile_reported(&inv, &entry.rec, applied, &hb.vms, &mut batch);
@@ -277,7 +310,12 @@ impl App {
 
     /// The host's desired state; with `after`, wait up to `wait` for a
     /// generation newer than it (long poll), so changes reach agents at once.
-    pub async fn host_desired(&self, host: &str, after: Option<u64>, wait: Duration) -> Result<DesiredState> {
+    pub async fn host_desired(
+        &self,
+        host: &str,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<DesiredState> {
         let id = lookup(&self.inv.read().await.hosts, "host", host)?.rec.id;
         if let Some(after) = after {
             let mut rx = self.watch_generation(id);
@@ -298,7 +336,10 @@ impl App {
             let (kind, msg) = if enabled {
                 ("host.enabled", "host enabled: takes new VMs")
             } else {
-                ("host.disabled", "host disabled: takes no new VMs, its VMs keep running")
+                (
+                    "host.disabled",
+                    "host disabled: takes no new VMs, its VMs keep running",
+                )
             };
             batch.event(kind, format!("host/{name}"), &rec.project, msg.into());
             self.commit(&mut inv, batch).await?;
@@ -321,7 +362,12 @@ impl App {
         }
         let mut batch = Batch::default();
         batch.delete(key(name));
-        batch.event("host.removed", format!("host/{name}"), &rec.project, "host removed from the pool".into());
+        batch.event(
+            "host.removed",
+            format!("host/{name}"),
+            &rec.project,
+            "host removed from the pool".into(),
+        );
         self.commit(&mut inv, batch).await?;
         inv.hosts.remove(name);
         inv.host_tokens.remove(&rec.token_sha256);
@@ -343,7 +389,9 @@ impl App {
         }
         let mut inv = self.inv.write().await;
         for name in stale {
-            let Some(entry) = inv.hosts.get(&name).cloned() else { continue };
+            let Some(entry) = inv.hosts.get(&name).cloned() else {
+                continue;
+            };
             if entry.live.last_seen.elapsed() <= self.down_after {
                 continue;
             }
@@ -352,7 +400,10 @@ impl App {
                 "host.down",
                 format!("host/{name}"),
                 &entry.rec.project,
-                format!("no heartbeat for {:.1} s", entry.live.last_seen.elapsed().as_secs_f32()),
+                format!(
+                    "no heartbeat for {:.1} s",
+                    entry.live.last_seen.elapsed().as_secs_f32()
+                ),
             );
             let changed = vms::mark_unknown(&inv, &entry.rec, &mut batch);
             self.commit(&mut inv, batch).await?;

@@ -52,7 +52,9 @@ async fn inspect(path: &Path, size: u64) -> Result<(ImageFormat, u64)> {
         }
     };
     if info.backing_filename.is_some() {
-        return Err(invalid_file("the qcow2 image has a backing file; flatten it first (`qemu-img convert`)".into()));
+        return Err(invalid_file(
+            "the qcow2 image has a backing file; flatten it first (`qemu-img convert`)".into(),
+        ));
     }
     match format {
         ImageFormat::Raw if size == 0 || size % 512 != 0 => Err(invalid_file(format!(
@@ -85,7 +87,9 @@ impl App {
 
     /// Where an upload is written before it is checked.
     pub fn image_upload_path(&self) -> PathBuf {
-        self.data_dir().join("images").join(format!("upload-{}", Uuid::new_v4()))
+        self.data_dir()
+            .join("images")
+            .join(format!("upload-{}", Uuid::new_v4()))
     }
 
     pub async fn image_list(&self) -> Vec<Image> {
@@ -105,13 +109,23 @@ impl App {
     pub async fn image_check_name(&self, name: &str) -> Result<()> {
         validate_name("name", name)?;
         if self.inv.read().await.images.contains_key(name) {
-            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("name: image {name:?} already exists")).into());
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("name: image {name:?} already exists"),
+            )
+            .into());
         }
         Ok(())
     }
 
     /// Turn an uploaded file into an image. The upload is removed on error.
-    pub async fn image_import(&self, name: &str, upload: &Path, size: u64, sha256: String) -> Result<Image> {
+    pub async fn image_import(
+        &self,
+        name: &str,
+        upload: &Path,
+        size: u64,
+        sha256: String,
+    ) -> Result<Image> {
         let result = self.image_import_inner(name, upload, size, sha256).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(upload).await;
@@ -119,7 +133,13 @@ impl App {
         result
     }
 
-    async fn image_import_inner(&self, name: &str, upload: &Path, size: u64, sha256: String) -> Result<Image> {
+    async fn image_import_inner(
+        &self,
+        name: &str,
+        upload: &Path,
+        size: u64,
+        sha256: String,
+    ) -> Result<Image> {
         self.image_check_name(name).await?;
         let (format, virtual_size_bytes) = inspect(upload, size).await?;
         let image = Image {
@@ -134,7 +154,11 @@ impl App {
         };
         let mut inv = self.inv.write().await;
         if inv.images.contains_key(name) {
-            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("name: image {name:?} already exists")).into());
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("name: image {name:?} already exists"),
+            )
+            .into());
         }
         tokio::fs::rename(upload, self.image_path(image.id))
             .await
@@ -145,7 +169,12 @@ impl App {
             "image.imported",
             format!("image/{name}"),
             &image.project,
-            format!("{} image, {} bytes, sha256 {}", format.as_str(), size, image.sha256),
+            format!(
+                "{} image, {} bytes, sha256 {}",
+                format.as_str(),
+                size,
+                image.sha256
+            ),
         );
         if let Err(e) = self.commit(&mut inv, batch).await {
             let _ = tokio::fs::remove_file(self.image_path(image.id)).await;
@@ -158,7 +187,12 @@ impl App {
     pub async fn image_delete(&self, name: &str) -> Result<()> {
         let mut inv = self.inv.write().await;
         let image = lookup(&inv.images, "image", name)?.clone();
-        let users: Vec<_> = inv.vms.values().filter(|v| v.image_id == image.id).map(|v| v.name.clone()).collect();
+        let users: Vec<_> = inv
+            .vms
+            .values()
+            .filter(|v| v.image_id == image.id)
+            .map(|v| v.name.clone())
+            .collect();
         if !users.is_empty() {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
@@ -168,7 +202,12 @@ impl App {
         }
         let mut batch = Batch::default();
         batch.delete(key(name));
-        batch.event("image.deleted", format!("image/{name}"), &image.project, "image deleted".into());
+        batch.event(
+            "image.deleted",
+            format!("image/{name}"),
+            &image.project,
+            "image deleted".into(),
+        );
         self.commit(&mut inv, batch).await?;
         inv.images.remove(name);
         let _ = tokio::fs::remove_file(self.image_path(image.id)).await;

@@ -189,7 +189,9 @@ impl App {
 
     pub(crate) fn watch_generation(&self, host: Uuid) -> watch::Receiver<u64> {
         let mut map = self.generations.lock().expect("lock");
-        map.entry(host).or_insert_with(|| watch::channel(0).0).subscribe()
+        map.entry(host)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
     }
 
     pub(crate) fn store(&self) -> &dyn Store {
@@ -232,7 +234,8 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
     }
     for kv in store.range(hosts::PREFIX).await? {
         let rec: HostRecord = decode(&kv)?;
-        inv.host_tokens.insert(rec.token_sha256.clone(), rec.name.clone());
+        inv.host_tokens
+            .insert(rec.token_sha256.clone(), rec.name.clone());
         inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
     }
     for kv in store.range(images::PREFIX).await? {

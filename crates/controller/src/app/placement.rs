@@ -47,7 +47,11 @@ pub fn first_fit(inv: &Inventory, size: &Resources, zone: Option<&str>) -> Resul
         size.memory_mib,
         size.disk_gib,
         inv.hosts.len(),
-        if reasons.is_empty() { "" } else { "; excluded: " },
+        if reasons.is_empty() {
+            ""
+        } else {
+            "; excluded: "
+        },
         reasons.join(", ")
     ))
 }

@@ -28,8 +28,8 @@
 use super::{hosts, lookup, now_ms, placement, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    validate_name, ApiError, ConsoleLog, CreateVm, ErrorCode, ObservedState,
-    PowerState, Resources, Vm, VmState, VmStatus, DEFAULT_PROJECT,
+    validate_name, ApiError, ConsoleLog, CreateVm, ErrorCode, ObservedState, PowerState, Resources,
+    Vm, VmState, VmStatus, DEFAULT_PROJECT,
 };
 use uuid::Uuid;
 
@@ -47,7 +47,11 @@ const GIB: u64 = 1024 * 1024 * 1024;
 
 fn check_range(field: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<()> {
     if value < min || value > max {
-        return Err(ApiError::invalid(field, format!("{value} is out of range: use {min} to {max}{unit}")).into());
+        return Err(ApiError::invalid(
+            field,
+            format!("{value} is out of range: use {min} to {max}{unit}"),
+        )
+        .into());
     }
     Ok(())
 }
@@ -60,13 +64,19 @@ fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>)
     let observed = status.map(|s| s.state);
     match vm.power {
         PowerState::Running => match observed {
-            Some(ObservedState::Running) if status.is_some_and(|s| s.reboots < vm.reboots) => (VmState::Rebooting, None),
+            Some(ObservedState::Running) if status.is_some_and(|s| s.reboots < vm.reboots) => {
+                (VmState::Rebooting, None)
+            }
             Some(ObservedState::Running) => (VmState::Running, None),
-            Some(ObservedState::Failed) => (VmState::Failed, status.and_then(|s| s.message.clone())),
+            Some(ObservedState::Failed) => {
+                (VmState::Failed, status.and_then(|s| s.message.clone()))
+            }
             _ => (VmState::Starting, None),
         },
         PowerState::Stopped => match observed {
-            Some(ObservedState::Running | ObservedState::Stopping | ObservedState::Starting) => (VmState::Stopping, None),
+            Some(ObservedState::Running | ObservedState::Stopping | ObservedState::Starting) => {
+                (VmState::Stopping, None)
+            }
             _ => (VmState::Stopped, None),
         },
     }
@@ -98,7 +108,12 @@ pub(super) fn reconcile_reported(
         if vm.state == VmState::Deleting {
             if caught_up && status.is_none() {
                 batch.delete(key(&vm.name));
-                batch.event("vm.deleted", format!("vm/{}", vm.name), &vm.project, format!("deleted from host {}", host.name));
+                batch.event(
+                    "vm.deleted",
+                    format!("vm/{}", vm.name),
+                    &vm.project,
+                    format!("deleted from host {}", host.name),
+                );
                 out.removed.push(vm.name.clone());
             }
             continue;
@@ -119,20 +134,46 @@ pub(super) fn reconcile_reported(
         next.state = state;
         next.message = message;
         if next.state != vm.state || next.power != vm.power || next.message != vm.message {
-            let detail = next.message.clone().unwrap_or_else(|| format!("on host {}", host.name));
-            batch.event(&format!("vm.{}", next.state), format!("vm/{}", vm.name), &vm.project, detail);
-            batch.put(key(&vm.name), &Vm { cpu_percent: None, ..next.clone() });
+            let detail = next
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("on host {}", host.name));
+            batch.event(
+                &format!("vm.{}", next.state),
+                format!("vm/{}", vm.name),
+                &vm.project,
+                detail,
+            );
+            batch.put(
+                key(&vm.name),
+                &Vm {
+                    cpu_percent: None,
+                    ..next.clone()
+                },
+            );
             out.changed.push(next);
         }
     }
     if let Some(generation) = out.host_generation {
-        batch.put(hosts::key(&host.name), &hosts::HostRecord { generation, ..host.clone() });
+        batch.put(
+            hosts::key(&host.name),
+            &hosts::HostRecord {
+                generation,
+                ..host.clone()
+            },
+        );
     }
     out
 }
 
 impl App {
-    pub(super) fn apply_reported(&self, inv: &mut Inventory, host: &str, statuses: &[VmStatus], reported: Reported) {
+    pub(super) fn apply_reported(
+        &self,
+        inv: &mut Inventory,
+        host: &str,
+        statuses: &[VmStatus],
+        reported: Reported,
+    ) {
         for vm in reported.changed {
             inv.vms.insert(vm.name.clone(), vm);
         }
@@ -153,9 +194,17 @@ impl App {
 }
 
 /// VMs on a host that just went down become `unknown`.
-pub(super) fn mark_unknown(inv: &Inventory, host: &hosts::HostRecord, batch: &mut Batch) -> Vec<Vm> {
+pub(super) fn mark_unknown(
+    inv: &Inventory,
+    host: &hosts::HostRecord,
+    batch: &mut Batch,
+) -> Vec<Vm> {
     let mut changed = Vec::new();
-    for vm in inv.vms.values().filter(|v| v.host_id == host.id && v.state != VmState::Deleting) {
+    for vm in inv
+        .vms
+        .values()
+        .filter(|v| v.host_id == host.id && v.state != VmState::Deleting)
+    {
         let next = Vm {
             state: VmState::Unknown,
             message: Some(format!("host {} is down", host.name)),
@@ -170,7 +219,11 @@ pub(super) fn mark_unknown(inv: &Inventory, host: &hosts::HostRecord, batch: &mu
             "vm.unknown",
             format!("host/{}", host.name),
             &host.project,
-            format!("{} VM(s) on host {} are unknown while it is down", changed.len(), host.name),
+            format!(
+                "{} VM(s) on host {} are unknown while it is down",
+                changed.len(),
+                host.name
+            ),
         );
     }
     changed
@@ -178,9 +231,9 @@ pub(super) fn mark_unknown(inv: &Inventory, host: &hosts::HostRecord, batch: &mu
 
 /// The VM's host record with its generation bumped, put into the batch.
 fn bump_generation(inv: &Inventory, host_id: Uuid, batch: &mut Batch) -> Result<hosts::HostRecord> {
-    let entry = inv
-        .host_by_id(host_id)
-        .ok_or_else(|| crate::Error::internal(format!("VM host {host_id} missing from inventory")))?;
+    let entry = inv.host_by_id(host_id).ok_or_else(|| {
+        crate::Error::internal(format!("VM host {host_id} missing from inventory"))
+    })?;
     let rec = hosts::HostRecord {
         generation: entry.rec.generation + 1,
         ..entry.rec.clone()
@@ -201,10 +254,20 @@ impl App {
     pub async fn vm_create(&self, req: CreateVm) -> Result<Vm> {
         validate_name("name", &req.name)?;
         check_range("vcpus", req.vcpus.into(), 1, MAX_VCPUS.into(), "")?;
-        check_range("memory_mib", req.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, " MiB")?;
+        check_range(
+            "memory_mib",
+            req.memory_mib,
+            MIN_MEMORY_MIB,
+            MAX_MEMORY_MIB,
+            " MiB",
+        )?;
         let mut inv = self.inv.write().await;
         if inv.vms.contains_key(&req.name) {
-            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("name: VM {:?} already exists", req.name)).into());
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("name: VM {:?} already exists", req.name),
+            )
+            .into());
         }
         let image = inv
             .images
@@ -213,15 +276,28 @@ impl App {
             .cloned()
             .ok_or_else(|| {
                 let known: Vec<_> = inv.images.keys().cloned().collect();
-                ApiError::invalid("image", format!("unknown image {:?}; known images: {known:?}", req.image))
+                ApiError::invalid(
+                    "image",
+                    format!("unknown image {:?}; known images: {known:?}", req.image),
+                )
             })?;
         let min_disk = image.virtual_size_bytes.div_ceil(GIB).max(1);
         let disk_gib = req.disk_gib.unwrap_or(min_disk);
-        check_range("disk_gib", disk_gib, min_disk, MAX_DISK_GIB, " GiB (the image needs at least its virtual size)")?;
+        check_range(
+            "disk_gib",
+            disk_gib,
+            min_disk,
+            MAX_DISK_GIB,
+            " GiB (the image needs at least its virtual size)",
+        )?;
         if let Some(zone) = &req.zone {
             if !inv.zones.contains_key(zone) {
                 let known: Vec<_> = inv.zones.keys().cloned().collect();
-                return Err(ApiError::invalid("zone", format!("unknown zone {zone:?}; known zones: {known:?}")).into());
+                return Err(ApiError::invalid(
+                    "zone",
+                    format!("unknown zone {zone:?}; known zones: {known:?}"),
+                )
+                .into());
             }
         }
         let size = Resources {
@@ -243,8 +319,16 @@ impl App {
             zone: host.zone.clone(),
             host: host.name.clone(),
             host_id: host.id,
-            state: if start { VmState::Starting } else { VmState::Stopped },
-            power: if start { PowerState::Running } else { PowerState::Stopped },
+            state: if start {
+                VmState::Starting
+            } else {
+                VmState::Stopped
+            },
+            power: if start {
+                PowerState::Running
+            } else {
+                PowerState::Stopped
+            },
             reboots: 0,
             cpu_percent: None,
             message: None,
@@ -257,7 +341,10 @@ impl App {
             "vm.created",
             format!("vm/{}", vm.name),
             &vm.project,
-            format!("placed on host {} (zone {}) from image {}", host.name, host.zone, image.name),
+            format!(
+                "placed on host {} (zone {}) from image {}",
+                host.name, host.zone, image.name
+            ),
         );
         self.commit(&mut inv, batch).await?;
         inv.vms.insert(vm.name.clone(), vm.clone());
@@ -273,17 +360,37 @@ impl App {
     }
 
     /// Change a VM's desired state and bump its host's generation.
-    async fn vm_change(&self, name: &str, verb: &str, change: impl FnOnce(&mut Vm) -> Result<()>) -> Result<Vm> {
+    async fn vm_change(
+        &self,
+        name: &str,
+        verb: &str,
+        change: impl FnOnce(&mut Vm) -> Result<()>,
+    ) -> Result<Vm> {
         let mut inv = self.inv.write().await;
         let mut vm = lookup(&inv.vms, "vm", name)?.clone();
         if vm.state == VmState::Deleting {
-            return Err(ApiError::new(ErrorCode::Conflict, format!("VM {name:?} is being deleted")).into());
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("VM {name:?} is being deleted"),
+            )
+            .into());
         }
         change(&mut vm)?;
         let mut batch = Batch::default();
-        batch.put(key(name), &Vm { cpu_percent: None, ..vm.clone() });
+        batch.put(
+            key(name),
+            &Vm {
+                cpu_percent: None,
+                ..vm.clone()
+            },
+        );
         let rec = bump_generation(&inv, vm.host_id, &mut batch)?;
-        batch.event(&format!("vm.{verb}"), format!("vm/{name}"), &vm.project, format!("{verb} requested"));
+        batch.event(
+            &format!("vm.{verb}"),
+            format!("vm/{name}"),
+            &vm.project,
+            format!("{verb} requested"),
+        );
         self.commit(&mut inv, batch).await?;
         inv.vms.insert(vm.name.clone(), vm.clone());
         self.install_host(&mut inv, rec);
@@ -295,7 +402,11 @@ impl App {
             match (vm.power, vm.state) {
                 (PowerState::Running, VmState::Failed) => vm.reboots += 1,
                 (PowerState::Running, _) => {
-                    return Err(ApiError::new(ErrorCode::Conflict, format!("VM {:?} is already {}", vm.name, vm.state)).into())
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!("VM {:?} is already {}", vm.name, vm.state),
+                    )
+                    .into())
                 }
                 (PowerState::Stopped, _) => vm.power = PowerState::Running,
             }
@@ -309,7 +420,11 @@ impl App {
     pub async fn vm_stop(&self, name: &str) -> Result<Vm> {
         self.vm_change(name, "stop", |vm| {
             if vm.power == PowerState::Stopped {
-                return Err(ApiError::new(ErrorCode::Conflict, format!("VM {:?} is already {}", vm.name, vm.state)).into());
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("VM {:?} is already {}", vm.name, vm.state),
+                )
+                .into());
             }
             vm.power = PowerState::Stopped;
             vm.state = VmState::Stopping;
@@ -323,7 +438,10 @@ impl App {
             if vm.state != VmState::Running {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
-                    format!("VM {:?} is {}; only a running VM can be rebooted", vm.name, vm.state),
+                    format!(
+                        "VM {:?} is {}; only a running VM can be rebooted",
+                        vm.name, vm.state
+                    ),
                 )
                 .into());
             }
@@ -354,11 +472,18 @@ impl App {
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| ApiError::new(ErrorCode::HostUnavailable, format!("host {}: console log: {e}", vm.host)))?;
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::HostUnavailable, format!("host {}: console log: {e}", vm.host)))?;
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::HostUnavailable,
+                    format!("host {}: console log: {e}", vm.host),
+                )
+            })?;
+        let text = resp.text().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::HostUnavailable,
+                format!("host {}: console log: {e}", vm.host),
+            )
+        })?;
         Ok(ConsoleLog { vm: vm.name, text })
     }
 

@@ -39,7 +39,12 @@ impl App {
         };
         let mut batch = Batch::default();
         batch.put(key(&zone.name), &zone);
-        batch.event("zone.created", format!("zone/{}", zone.name), &zone.project, "zone created".into());
+        batch.event(
+            "zone.created",
+            format!("zone/{}", zone.name),
+            &zone.project,
+            "zone created".into(),
+        );
         self.commit(&mut inv, batch).await?;
         inv.zones.insert(zone.name.clone(), zone.clone());
         Ok(zone)
@@ -58,7 +63,12 @@ impl App {
         }
         let mut batch = Batch::default();
         batch.delete(key(name));
-        batch.event("zone.deleted", format!("zone/{name}"), &zone.project, "zone deleted".into());
+        batch.event(
+            "zone.deleted",
+            format!("zone/{name}"),
+            &zone.project,
+            "zone deleted".into(),
+        );
         self.commit(&mut inv, batch).await?;
         inv.zones.remove(name);
         Ok(())

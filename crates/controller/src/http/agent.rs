@@ -4,7 +4,10 @@ use super::{ApiJson, ApiQuery, AppState, Principal};
 use crate::error::Result;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use kumo_api::{ApiError, DesiredQuery, DesiredState, Heartbeat, HeartbeatResponse, RegisterHost, RegisterHostResponse};
+use kumo_api::{
+    ApiError, DesiredQuery, DesiredState, Heartbeat, HeartbeatResponse, RegisterHost,
+    RegisterHostResponse,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +18,20 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
         .route("/v1/agent/desired", get(desired))
 }
 
-/// Join the pool with a join token (or join again under the same name).
+/// Join the pool with a join token, or (with the host's own token) report
+/// fresh capacity, hypervisor and address after an agent restart.
 #[utoipa::path(post, path = "/v1/agent/register", request_body = RegisterHost,
     responses((status = 200, body = RegisterHostResponse), (status = 400, body = ApiError), (status = 401, body = ApiError)))]
-pub async fn register(state: AppState, ApiJson(req): ApiJson<RegisterHost>) -> Result<Json<RegisterHostResponse>> {
-    Ok(Json(state.host_register(req).await?))
+pub async fn register(
+    state: AppState,
+    Extension(who): Extension<Principal>,
+    ApiJson(req): ApiJson<RegisterHost>,
+) -> Result<Json<RegisterHostResponse>> {
+    let known = match &who {
+        Principal::Host(h) => Some(h.as_str()),
+        _ => None,
+    };
+    Ok(Json(state.host_register(req, known).await?))
 }
 
 /// Report liveness, load and the VMs the host runs.

@@ -14,7 +14,10 @@ use tokio::io::AsyncWriteExt;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
     Router::new()
-        .route("/v1/images", get(list).post(import).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/v1/images",
+            get(list).post(import).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/images/{name}", get(show).delete(delete))
         .route("/v1/images/{name}/data", get(data))
 }
@@ -43,21 +46,28 @@ pub async fn import(
             return Err(e);
         }
     };
-    let image = state.image_import(&params.name, &upload, size, sha256).await?;
+    let image = state
+        .image_import(&params.name, &upload, size, sha256)
+        .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }
 
 /// Stream the request body to a file, hashing it on the way.
 async fn receive(body: Body, path: &std::path::Path) -> Result<(u64, String)> {
-    let mut file = tokio::fs::File::create(path).await.map_err(crate::Error::internal)?;
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(crate::Error::internal)?;
     let mut hasher = sha2::Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid("file", format!("upload interrupted: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid("file", format!("upload interrupted: {e}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        file.write_all(&chunk).await.map_err(crate::Error::internal)?;
+        file.write_all(&chunk)
+            .await
+            .map_err(crate::Error::internal)?;
     }
     file.sync_all().await.map_err(crate::Error::internal)?;
     Ok((size, hex::encode(hasher.finalize())))

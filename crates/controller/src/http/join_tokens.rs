@@ -19,6 +19,12 @@ pub async fn list(state: AppState) -> Json<Vec<JoinToken>> {
 /// Create a join token; the secret is in the response only.
 #[utoipa::path(post, path = "/v1/join-tokens", request_body = CreateJoinToken,
     responses((status = 201, body = JoinToken), (status = 400, body = ApiError)))]
-pub async fn create(state: AppState, ApiJson(req): ApiJson<CreateJoinToken>) -> Result<(StatusCode, Json<JoinToken>)> {
-    Ok((StatusCode::CREATED, Json(state.join_token_create(req).await?)))
+pub async fn create(
+    state: AppState,
+    ApiJson(req): ApiJson<CreateJoinToken>,
+) -> Result<(StatusCode, Json<JoinToken>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.join_token_create(req).await?),
+    ))
 }

@@ -94,7 +94,10 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(vms::routes())
         .merge(events::routes())
         .merge(agent::routes())
-        .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            authenticate,
+        ))
         .with_state(app)
 }
 
@@ -112,7 +115,9 @@ async fn authenticate(State(app): AppState, mut req: Request, next: Next) -> Res
         .filter(|t| !t.is_empty());
     let principal = match token {
         None if path == "/v1/agent/register" => Principal::Anonymous,
-        None => return Err(unauthorized("missing bearer token (Authorization: Bearer <token>)").into()),
+        None => {
+            return Err(unauthorized("missing bearer token (Authorization: Bearer <token>)").into())
+        }
         Some(t) if constant_time_eq(t.as_bytes(), app.admin_token().as_bytes()) => Principal::Admin,
         Some(t) => match app.host_for_token(t).await {
             Some(host) => Principal::Host(host),
@@ -121,7 +126,10 @@ async fn authenticate(State(app): AppState, mut req: Request, next: Next) -> Res
     };
     let allowed = match &principal {
         Principal::Admin => !path.starts_with("/v1/agent/") || path == "/v1/agent/register",
-        Principal::Host(_) => path.starts_with("/v1/agent/") || (path.starts_with("/v1/images/") && path.ends_with("/data")),
+        Principal::Host(_) => {
+            path.starts_with("/v1/agent/")
+                || (path.starts_with("/v1/images/") && path.ends_with("/data"))
+        }
         Principal::Anonymous => true,
     };
     if !allowed {
@@ -148,7 +156,11 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::new(ErrorCode::InvalidInput, format!("request body: {}", e.body_text())).into()),
+            Err(e) => Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("request body: {}", e.body_text()),
+            )
+            .into()),
         }
     }
 }
@@ -166,7 +178,11 @@ where
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(ApiError::new(ErrorCode::InvalidInput, format!("query: {}", e.body_text())).into()),
+            Err(e) => Err(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("query: {}", e.body_text()),
+            )
+            .into()),
         }
     }
 }
@@ -178,7 +194,10 @@ mod tests {
     #[test]
     fn openapi_is_committed() {
         use utoipa::OpenApi;
-        let doc = super::ApiDoc::openapi().to_pretty_json().expect("serializes") + "\n";
+        let doc = super::ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("serializes")
+            + "\n";
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi/kumo.json");
         if std::env::var_os("KUMO_UPDATE_OPENAPI").is_some() {
             std::fs::write(path, &doc).expect("write openapi/kumo.json");

@@ -29,7 +29,10 @@ pub async fn list(state: AppState) -> Json<Vec<Vm>> {
 /// Create a VM: placed on a host at once, started unless `start` is false.
 #[utoipa::path(post, path = "/v1/vms", request_body = CreateVm,
     responses((status = 201, body = Vm), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn create(state: AppState, ApiJson(req): ApiJson<CreateVm>) -> Result<(StatusCode, Json<Vm>)> {
+pub async fn create(
+    state: AppState,
+    ApiJson(req): ApiJson<CreateVm>,
+) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::CREATED, Json(state.vm_create(req).await?)))
 }
 
@@ -79,9 +82,18 @@ pub async fn console_log(state: AppState, Path(name): Path<String>) -> Result<Js
 /// to a raw byte stream, relayed to the VM's host.
 #[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path)),
     responses((status = 101, description = "switched to the console byte stream"), (status = 404, body = ApiError), (status = 502, body = ApiError)))]
-pub async fn console(state: AppState, Path(name): Path<String>, mut req: Request) -> Result<Response> {
+pub async fn console(
+    state: AppState,
+    Path(name): Path<String>,
+    mut req: Request,
+) -> Result<Response> {
     let (vm, address, secret) = state.vm_agent(&name).await?;
-    let unavailable = |e: &dyn std::fmt::Display| ApiError::new(ErrorCode::HostUnavailable, format!("host {}: console: {e}", vm.host));
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            ErrorCode::HostUnavailable,
+            format!("host {}: console: {e}", vm.host),
+        )
+    };
     let upstream = state
         .agent_http
         .get(format!("{address}/v1/vms/{}/console", vm.id))

@@ -22,7 +22,10 @@ pub async fn list(state: AppState) -> Json<Vec<Zone>> {
 /// Create a zone.
 #[utoipa::path(post, path = "/v1/zones", request_body = CreateZone,
     responses((status = 201, body = Zone), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn create(state: AppState, ApiJson(req): ApiJson<CreateZone>) -> Result<(StatusCode, Json<Zone>)> {
+pub async fn create(
+    state: AppState,
+    ApiJson(req): ApiJson<CreateZone>,
+) -> Result<(StatusCode, Json<Zone>)> {
     Ok((StatusCode::CREATED, Json(state.zone_create(req).await?)))
 }
 

@@ -1,0 +1,378 @@
+//! kumo-bench: measure kumo's promises and print the figures (never asserts
+//! on timings); the numbers go into `docs/SPEC.md`.
+//!
+//! * `api-list`: `GET /v1/vms` latency with many (simulated) VMs, against
+//!   `GET /v1/zones` as the bare HTTP round trip.
+//! * `boot`: real QEMU guests (TCG) created through the API: how long from
+//!   `POST /v1/vms` to a running QEMU and to its first serial output, against
+//!   launching the same QEMU command line directly.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use kumo_api::{Vm, VmState, Zone};
+use kumo_testkit::{blank_image, tiny_image, vm_request, wait_until, RealCloud, SimCloud};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Measure kumo's promises (figures for docs/SPEC.md)")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// GET /v1/vms latency with many simulated VMs.
+    ApiList {
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Heartbeat interval of each of the 10 simulated hosts.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+    },
+    /// Time from POST /v1/vms to a running QEMU and its first serial output.
+    /// Needs `kumod` and `kumo-agent` built in the same profile as this binary.
+    Boot {
+        #[arg(long, default_value_t = 10)]
+        vms: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Args::parse().bench {
+        Bench::ApiList {
+            vms,
+            requests,
+            heartbeat_ms,
+        } => api_list(vms, requests, Duration::from_millis(heartbeat_ms)).await,
+        Bench::Boot { vms } => boot(vms).await,
+    }
+}
+
+const SIM_HOSTS: usize = 10;
+/// Parallel `POST /v1/vms` calls while filling the cloud.
+const CREATORS: usize = 16;
+
+async fn api_list(vms: usize, requests: usize, heartbeat: Duration) -> Result<()> {
+    let mut cloud = SimCloud::start(Duration::from_secs(30)).await?;
+    cloud.zone("z1").await?;
+    // Room for every 1 vCPU / 256 MiB / 1 GiB VM, with 10% to spare.
+    let per_host = (vms.div_ceil(SIM_HOSTS) as u64 * 11 / 10).max(1);
+    for i in 0..SIM_HOSTS {
+        let mut config = cloud.agent_config(&format!("h{i}"), "z1");
+        config.capacity.vcpus = Some(u32::try_from(per_host)?);
+        config.capacity.memory_mib = Some(per_host * 256);
+        config.capacity.disk_gib = Some(per_host);
+        config.heartbeat = heartbeat;
+        cloud.host_with(config).await?;
+    }
+    let c = cloud.client.clone();
+    c.image_import("blank", &blank_image(cloud.dir.path()))
+        .await?;
+
+    let start = Instant::now();
+    let mut creators = tokio::task::JoinSet::new();
+    for k in 0..CREATORS {
+        let c = c.clone();
+        creators.spawn(async move {
+            for i in (k..vms).step_by(CREATORS) {
+                c.vm_create(&vm_request(&format!("vm{i}"), "blank")).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = creators.join_next().await {
+        done??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "created {vms} VMs in {secs:.1} s ({:.0} creates/s, {CREATORS} in parallel)",
+        vms as f64 / secs
+    );
+    wait_until(Duration::from_secs(600), "every VM running", || async {
+        let list = c.vms().await.ok()?;
+        (list.iter().filter(|v| v.state == VmState::Running).count() == vms).then_some(())
+    })
+    .await?;
+    println!("all running after {:.1} s", start.elapsed().as_secs_f64());
+
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("{}{path}", cloud.server.url()))
+            .bearer_auth(&cloud.server.admin_token)
+    };
+    let zones = time_gets::<Vec<Zone>>(get("/v1/zones"), requests).await?;
+    let list = time_gets::<Vec<Vm>>(get("/v1/vms"), requests).await?;
+    println!("GET /v1/zones x{requests}: {}", summary(&zones.total));
+    println!(
+        "GET /v1/vms   x{requests}: {} ({vms} VMs, {} KiB body)",
+        summary(&list.total),
+        list.body_bytes / 1024
+    );
+    println!("  of which until the headers: {}", summary(&list.headers));
+    println!(
+        "ratio vms/zones: p50 {:.0}x, p99 {:.0}x (target: p99 < 50 ms at 10,000 VMs)",
+        ms(pct(&list.total, 0.5)) / ms(pct(&zones.total, 0.5)),
+        ms(pct(&list.total, 0.99)) / ms(pct(&zones.total, 0.99)),
+    );
+    Ok(())
+}
+
+/// `n` sequential sends of a request, each reading and parsing the whole body.
+struct Gets {
+    /// Until the response headers: the server's work (axum sends JSON
+    /// headers once the body is serialized) and the round trip.
+    headers: Vec<Duration>,
+    /// Until the body is downloaded and parsed.
+    total: Vec<Duration>,
+    body_bytes: usize,
+}
+
+async fn time_gets<T: DeserializeOwned>(req: reqwest::RequestBuilder, n: usize) -> Result<Gets> {
+    let mut gets = Gets {
+        headers: Vec::with_capacity(n),
+        total: Vec::with_capacity(n),
+        body_bytes: 0,
+    };
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let resp = req
+            .try_clone()
+            .context("request")?
+            .send()
+            .await?
+            .error_for_status()?;
+        gets.headers.push(t0.elapsed());
+        let body = resp.bytes().await?;
+        serde_json::from_slice::<T>(&body)?;
+        gets.total.push(t0.elapsed());
+        gets.body_bytes = body.len();
+    }
+    Ok(gets)
+}
+
+/// Launches, their time to a live QEMU pid and to the first serial byte.
+struct Launch {
+    accepted: Duration,
+    running: Duration,
+    first_output: Duration,
+}
+
+async fn boot(vms: usize) -> Result<()> {
+    let image = tiny_image()?;
+    let mut cloud = RealCloud::start().await?;
+    cloud.zone("z1").await?;
+    cloud.host("h1", "z1").await?;
+    let c = cloud.client.clone();
+    c.image_import("tiny", &image).await?;
+    let direct_dir = cloud.dir.path().join("direct");
+
+    println!("vm   accept  accept->qemu  accept->serial | direct: qemu  serial | overhead (post->qemu - direct)");
+    let (mut kumo, mut direct) = (Vec::new(), Vec::new());
+    // Interleaved, and one guest at a time (a real host offers as many vCPUs
+    // as the machine has: 2 here), so both kinds see the same idle machine.
+    for i in 0..vms {
+        let d = launch_direct(&image, &direct_dir.join(i.to_string())).await?;
+        let name = format!("bench{i}");
+        let t0 = Instant::now();
+        let vm = c.vm_create(&vm_request(&name, "tiny")).await?;
+        let accepted = t0.elapsed();
+        let vm_dir = cloud.dir.path().join(format!("host-h1/vms/{}", vm.id));
+        let (running, first_output) = watch(&vm_dir, t0).await?;
+        let k = Launch {
+            accepted,
+            running,
+            first_output,
+        };
+        println!(
+            "{i:<3} {:>7} {:>13} {:>15} | {:>12} {:>7} | {:>8}",
+            fmt(k.accepted),
+            fmt(k.running - k.accepted),
+            fmt(k.first_output - k.accepted),
+            fmt(d.running),
+            fmt(d.first_output),
+            fmt_signed(k.running, d.running),
+        );
+        wait_booted(&vm_dir.join("console.log")).await?;
+        c.vm_delete(&name).await?;
+        wait_until(Duration::from_secs(60), "the VM deleted", || async {
+            c.vm(&name).await.is_err().then_some(())
+        })
+        .await?;
+        kumo.push(k);
+        direct.push(d);
+    }
+
+    let kumo_running = median(&kumo, |k| k.running);
+    let direct_running = median(&direct, |d| d.running);
+    println!("median over {vms} VMs:");
+    println!(
+        "  POST /v1/vms accepted      {}",
+        fmt(median(&kumo, |k| k.accepted))
+    );
+    println!(
+        "  accept -> QEMU running     {}",
+        fmt(median(&kumo, |k| k.running - k.accepted))
+    );
+    println!(
+        "  accept -> first serial     {}",
+        fmt(median(&kumo, |k| k.first_output - k.accepted))
+    );
+    println!("  POST -> QEMU running       {}", fmt(kumo_running));
+    println!("  direct QEMU: running       {}", fmt(direct_running));
+    println!(
+        "  direct QEMU: first serial  {}",
+        fmt(median(&direct, |d| d.first_output))
+    );
+    println!(
+        "  control-plane overhead     {} (target < 100 ms)",
+        fmt_signed(kumo_running, direct_running)
+    );
+
+    Ok(())
+}
+
+/// Start QEMU the way the agent does (see the agent's `driver/qemu.rs`) on a
+/// fresh overlay and seed, time it, and kill it.
+async fn launch_direct(image: &Path, dir: &Path) -> Result<Launch> {
+    std::fs::create_dir_all(dir)?;
+    let path = |name: &str| dir.join(name).display().to_string();
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(image)
+        .arg(path("disk.qcow2")))?;
+    std::fs::write(
+        dir.join("meta-data"),
+        "instance-id: direct\nlocal-hostname: direct\n",
+    )?;
+    std::fs::write(dir.join("user-data"), "#cloud-config\n")?;
+    run(Command::new("genisoimage")
+        .args([
+            "-quiet",
+            "-output",
+            &path("seed.iso"),
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+        ])
+        .args([path("meta-data"), path("user-data")]))?;
+    let d = dir.display();
+    let t0 = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-name", "guest=direct,debug-threads=on", "-machine", "pc,accel=tcg", "-cpu", "max"])
+        .args(["-smp", "1", "-m", "256", "-nodefaults", "-display", "none", "-chardev"])
+        .arg(format!(
+            "socket,id=serial0,path={d}/console.sock,server=on,wait=off,logfile={d}/console.log,logappend=on"
+        ))
+        .args(["-serial", "chardev:serial0", "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off")])
+        .args(["-drive", &format!("file={d}/disk.qcow2,if=virtio,format=qcow2,discard=unmap")])
+        .args(["-drive", &format!("file={d}/seed.iso,if=virtio,format=raw,readonly=on")])
+        .args(["-nic", "user,model=virtio-net-pci", "-daemonize", "-pidfile", &path("qemu.pid")])
+        .spawn()?;
+    let timing = watch(dir, t0).await;
+    let _ = qemu.wait();
+    if let Some(pid) = live_pid(dir) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
+    let (running, first_output) = timing?;
+    Ok(Launch {
+        accepted: Duration::ZERO,
+        running,
+        first_output,
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Poll every 5 ms: time since `t0` until the QEMU of `dir` runs (its
+/// pidfile names a live process) and until its console log is not empty.
+async fn watch(dir: &Path, t0: Instant) -> Result<(Duration, Duration)> {
+    let (mut running, mut output) = (None, None);
+    while running.is_none() || output.is_none() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "no running QEMU with console output in {} after 60 s",
+                dir.display()
+            );
+        }
+        if running.is_none() && live_pid(dir).is_some() {
+            running = Some(t0.elapsed());
+        }
+        if output.is_none() && std::fs::metadata(dir.join("console.log")).is_ok_and(|m| m.len() > 0)
+        {
+            output = Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((running.unwrap_or_default(), output.unwrap_or_default()))
+}
+
+fn live_pid(dir: &Path) -> Option<i32> {
+    let pid = std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+    (state != 'Z' && state != 'X').then_some(pid)
+}
+
+/// Wait until the guest behind `console_log` has finished booting.
+async fn wait_booted(console_log: &Path) -> Result<()> {
+    wait_until(Duration::from_secs(90), "the guest to boot", || async {
+        std::fs::read_to_string(console_log)
+            .ok()
+            .filter(|t| t.contains("kumo guest ready"))
+    })
+    .await?;
+    Ok(())
+}
+
+fn median(runs: &[Launch], figure: impl Fn(&Launch) -> Duration) -> Duration {
+    pct(&runs.iter().map(figure).collect::<Vec<_>>(), 0.5)
+}
+
+fn pct(times: &[Duration], q: f64) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn fmt(d: Duration) -> String {
+    format!("{:.1} ms", ms(d))
+}
+
+fn fmt_signed(a: Duration, b: Duration) -> String {
+    format!("{:+.1} ms", ms(a) - ms(b))
+}
+
+fn summary(times: &[Duration]) -> String {
+    let max = times.iter().max().copied().unwrap_or_default();
+    format!(
+        "p50 {}  p99 {}  max {}",
+        fmt(pct(times, 0.5)),
+        fmt(pct(times, 0.99)),
+        fmt(max)
+    )
+}
