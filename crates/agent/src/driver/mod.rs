@@ -34,7 +34,7 @@ impl Driver {
     pub async fn probe(kind: DriverKind, accel: Accel, data_dir: &Path) -> anyhow::Result<Driver> {
         Ok(match kind {
             DriverKind::Qemu => Driver::Qemu(qemu::Qemu::probe(accel, data_dir).await?),
-            DriverKind::Sim => Driver::Sim(sim::Sim::default()),
+            DriverKind::Sim => Driver::Sim(sim::Sim),
         })
     }
 
