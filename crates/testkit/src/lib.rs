@@ -246,6 +246,7 @@ pub struct RealCloud {
     controller: Option<Proc>,
     agents: Vec<(String, Proc, Vec<String>)>,
     join_token: String,
+    token: String,
 }
 
 impl RealCloud {
@@ -263,6 +264,7 @@ impl RealCloud {
             controller: None,
             agents: Vec::new(),
             join_token: String::new(),
+            token: String::new(),
         };
         cloud.start_controller().await?;
         cloud.join_token = cloud
@@ -297,6 +299,7 @@ impl RealCloud {
         })
         .await?;
         self.client = Client::new(&self.url, &token);
+        self.token = token;
         let client = self.client.clone();
         wait_until(Duration::from_secs(10), "kumod serving", || async {
             client.zones().await.ok()
@@ -445,6 +448,33 @@ impl RealCloud {
                 return Ok(String::from_utf8_lossy(&seen).into_owned());
             }
         }
+    }
+
+    /// Run the `kumo` CLI against this cloud with `stdin`; fails unless it
+    /// exits 0, and returns its stdout.
+    pub async fn cli(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(bin("kumo"))
+            .args(args)
+            .env("KUMO_URL", &self.url)
+            .env("KUMO_TOKEN", &self.token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut input = child.stdin.take().context("stdin")?;
+        input.write_all(stdin.as_bytes()).await?;
+        drop(input);
+        let out =
+            tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await??;
+        if !out.status.success() {
+            bail!(
+                "kumo {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     /// Wait until the console log holds `text`.

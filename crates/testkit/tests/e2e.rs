@@ -52,6 +52,24 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     let pids = cloud.qemu_pids();
     assert_eq!(pids.len(), 1, "one QEMU for one VM");
 
+    // The same through the CLI: the interactive console fed from a pipe.
+    let out = cloud
+        .cli(&["vm", "console", "web"], "echo cli-$((2*3))\n")
+        .await
+        .unwrap();
+    assert!(out.contains("cli-6"), "{out}");
+    let log = cloud
+        .cli(&["vm", "console", "web", "--log"], "")
+        .await
+        .unwrap();
+    assert!(
+        log.contains("cli-6") && log.contains(&format!("{BANNER}web")),
+        "{log}"
+    );
+    let list: Vec<kumo_api::Vm> =
+        serde_json::from_str(&cloud.cli(&["vm", "list", "-o", "json"], "").await.unwrap()).unwrap();
+    assert_eq!(list.len(), 1);
+
     // kill -9 the agent: the guest keeps running; a new agent re-attaches.
     cloud.kill_agent("h1");
     wait_until(Duration::from_secs(15), "h1 down", || async {

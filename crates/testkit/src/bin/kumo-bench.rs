@@ -174,6 +174,9 @@ struct Run {
     direct: Launch,
 }
 
+/// One figure of a run, for the medians.
+type Figure = fn(&Run) -> Duration;
+
 async fn boot(vms: usize) -> Result<()> {
     let image = tiny_image()?;
     let mut cloud = RealCloud::start().await?;
@@ -223,7 +226,7 @@ async fn boot(vms: usize) -> Result<()> {
     let median =
         |figure: fn(&Run) -> Duration| pct(&runs.iter().map(figure).collect::<Vec<_>>(), 0.5);
     println!("median over {vms} VMs:");
-    let figures: [(&str, fn(&Run) -> Duration); 7] = [
+    let figures: [(&str, Figure); 7] = [
         ("POST /v1/vms accepted", |r| r.accepted),
         ("accepted -> QEMU running", |r| r.kumo.running - r.accepted),
         ("accepted -> first serial output", |r| {
