@@ -191,6 +191,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let cloud = cloud_with_image().await;
     let c = &cloud.client;
     c.vm_create(&vm_request("taken", "tiny")).await.unwrap();
+    wait_vm(c, "taken", VmState::Running, T).await.unwrap();
     let before_vms = c.vms().await.unwrap();
     let before_events = c.events(&EventQuery::default()).await.unwrap().len();
 

@@ -37,7 +37,13 @@ pub async fn import(
     ApiQuery(params): ApiQuery<ImportImageParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>)> {
-    state.image_check_name(&params.name).await?;
+    if let Err(e) = state.image_check_name(&params.name).await {
+        // Read the upload to its end before answering: clients that are
+        // still sending would otherwise see a reset instead of the error.
+        let mut stream = body.into_data_stream();
+        while let Some(Ok(_)) = stream.next().await {}
+        return Err(e);
+    }
     let upload = state.image_upload_path();
     let (size, sha256) = match receive(body, &upload).await {
         Ok(v) => v,
