@@ -38,6 +38,29 @@ pub async fn wait_vm(client: &Client, name: &str, state: VmState, timeout: Durat
     .await
 }
 
+pub async fn create_zone(client: &Client, name: &str) -> Result<()> {
+    client
+        .zone_create(&CreateZone {
+            name: name.into(),
+            description: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Wait until the host is `ready`.
+pub async fn wait_host_ready(client: &Client, name: &str) -> Result<()> {
+    wait_until(Duration::from_secs(20), &format!("host {name} ready"), || async {
+        client
+            .host(name)
+            .await
+            .ok()
+            .filter(|h| h.state == kumo_api::HostState::Ready)
+    })
+    .await?;
+    Ok(())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -104,13 +127,7 @@ impl SimCloud {
     }
 
     pub async fn zone(&self, name: &str) -> Result<()> {
-        self.client
-            .zone_create(&CreateZone {
-                name: name.into(),
-                description: String::new(),
-            })
-            .await?;
-        Ok(())
+        create_zone(&self.client, name).await
     }
 
     pub fn agent_config(&self, name: &str, zone: &str) -> kumo_agent::Config {
@@ -142,19 +159,7 @@ impl SimCloud {
     pub async fn host_with(&mut self, config: kumo_agent::Config) -> Result<()> {
         let name = config.name.clone();
         self.agents.push(kumo_agent::start(config).await?);
-        wait_until(
-            Duration::from_secs(10),
-            &format!("host {name} ready"),
-            || async {
-                self.client
-                    .host(&name)
-                    .await
-                    .ok()
-                    .filter(|h| h.state == kumo_api::HostState::Ready)
-            },
-        )
-        .await?;
-        Ok(())
+        wait_host_ready(&self.client, &name).await
     }
 
     /// Stop a host's agent (its heartbeats stop).
@@ -313,13 +318,7 @@ impl RealCloud {
     }
 
     pub async fn zone(&self, name: &str) -> Result<()> {
-        self.client
-            .zone_create(&CreateZone {
-                name: name.into(),
-                description: String::new(),
-            })
-            .await?;
-        Ok(())
+        create_zone(&self.client, name).await
     }
 
     /// Start a qemu-driver agent (TCG) and wait for its host to be ready.
@@ -365,19 +364,7 @@ impl RealCloud {
     }
 
     pub async fn wait_host_ready(&self, name: &str) -> Result<()> {
-        wait_until(
-            Duration::from_secs(20),
-            &format!("host {name} ready"),
-            || async {
-                self.client
-                    .host(name)
-                    .await
-                    .ok()
-                    .filter(|h| h.state == kumo_api::HostState::Ready)
-            },
-        )
-        .await?;
-        Ok(())
+        wait_host_ready(&self.client, name).await
     }
 
     /// `kill -9` a host's agent; its guests keep running.

@@ -296,7 +296,7 @@ impl App {
         self.commit(&mut inv, batch).await?;
         self.apply_reported(&mut inv, host, &hb.vms, reported);
         let e = inv.hosts.get_mut(host).expect("host looked up above");
-        e.live = super::hosts::HostLive {
+        e.live = HostLive {
             last_seen: Instant::now(),
             last_heartbeat: Some(now_ms()),
             load: Some(hb.load),

@@ -257,7 +257,7 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
     Ok(inv)
 }
 
-/// Turn an optional value into `field: what` when it is missing.
+/// A resource by name, or a `not_found` error naming its kind.
 pub(crate) fn lookup<'a, T>(map: &'a BTreeMap<String, T>, kind: &str, name: &str) -> Result<&'a T> {
     map.get(name)
         .ok_or_else(|| kumo_api::ApiError::not_found(kind, name).into())
