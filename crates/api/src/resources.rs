@@ -279,6 +279,7 @@ pub struct EventQuery {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JoinToken {
     pub id: Uuid,
+    pub project: String,
     /// The secret; shown only when the token is created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,

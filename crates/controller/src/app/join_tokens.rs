@@ -31,6 +31,7 @@ impl App {
         let now = now_ms();
         let token = JoinToken {
             id: Uuid::new_v4(),
+            project: DEFAULT_PROJECT.to_string(),
             token: None,
             expires_at: now + ttl * 1000,
             created_at: now,
@@ -45,7 +46,7 @@ impl App {
         batch.event(
             "join_token.created",
             format!("join-token/{}", token.id),
-            DEFAULT_PROJECT,
+            &token.project,
             format!("join token created, valid for {ttl} s"),
         );
         self.commit(&mut inv, batch).await?;
