@@ -50,13 +50,17 @@ pub async fn create_zone(client: &Client, name: &str) -> Result<()> {
 
 /// Wait until the host is `ready`.
 pub async fn wait_host_ready(client: &Client, name: &str) -> Result<()> {
-    wait_until(Duration::from_secs(20), &format!("host {name} ready"), || async {
-        client
-            .host(name)
-            .await
-            .ok()
-            .filter(|h| h.state == kumo_api::HostState::Ready)
-    })
+    wait_until(
+        Duration::from_secs(20),
+        &format!("host {name} ready"),
+        || async {
+            client
+                .host(name)
+                .await
+                .ok()
+                .filter(|h| h.state == kumo_api::HostState::Ready)
+        },
+    )
     .await?;
     Ok(())
 }
@@ -171,8 +175,11 @@ impl SimCloud {
 /// Where `cargo build` put the workspace binaries.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -83,16 +83,6 @@ impl HostEntry {
 }
 
 impl Inventory {
-    /// Sum of the sizes of the VMs on a host, and how many there are.
-    pub fn allocated(&self, host: Uuid) -> (Resources, u32) {
-        self.vms
-            .values()
-            .filter(|v| v.host_id == host)
-            .fold((Resources::default(), 0), |(r, n), v| {
-                (r.add(&v.size), n + 1)
-            })
-    }
-
     pub fn host_view(&self, h: &HostEntry) -> Host {
         let (allocated, vm_count) = self.allocated(h.rec.id);
         Host {
@@ -118,9 +108,8 @@ impl Inventory {
     /// being deleted.
     pub fn desired_state(&self, h: &HostRecord) -> DesiredState {
         let vms = self
-            .vms
-            .values()
-            .filter(|v| v.host_id == h.id && v.state != VmState::Deleting)
+            .vms_on(h.id)
+            .filter(|v| v.state != VmState::Deleting)
             .filter_map(|v| {
                 let image = self.images.values().find(|i| i.id == v.image_id)?;
                 Some(VmSpec {
@@ -408,7 +397,7 @@ impl App {
             let changed = vms::mark_unknown(&inv, &entry.rec, &mut batch);
             self.commit(&mut inv, batch).await?;
             for vm in changed {
-                inv.vms.insert(vm.name.clone(), vm);
+                inv.put_vm(vm);
             }
             inv.hosts.get_mut(&name).expect("present").live.down = true;
         }

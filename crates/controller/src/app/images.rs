@@ -188,7 +188,7 @@ impl App {
         let mut inv = self.inv.write().await;
         let image = lookup(&inv.images, "image", name)?.clone();
         let users: Vec<_> = inv
-            .vms
+            .vms()
             .values()
             .filter(|v| v.image_id == image.id)
             .map(|v| v.name.clone())

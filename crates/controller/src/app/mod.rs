@@ -17,10 +17,10 @@ pub mod zones;
 
 use crate::error::Result;
 use crate::Config;
-use kumo_api::{Event, Image, Millis, Vm, Zone};
+use kumo_api::{Event, Image, Millis, Resources, Vm, Zone};
 use kumo_store::{Op, SqliteStore, Store};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,14 +36,74 @@ pub struct Inventory {
     pub zones: BTreeMap<String, Zone>,
     pub hosts: BTreeMap<String, HostEntry>,
     pub images: BTreeMap<String, Image>,
-    pub vms: BTreeMap<String, Vm>,
+    /// Changed only through [`Inventory::put_vm`] and
+    /// [`Inventory::remove_vm`], which keep the indexes below in step.
+    vms: BTreeMap<String, Vm>,
+    /// Each host's VMs and their summed size, so per-host questions
+    /// (allocation, heartbeats, desired state) never scan every VM.
+    placed: HashMap<Uuid, Placed>,
+    vm_names: HashMap<Uuid, String>,
     pub join_tokens: BTreeMap<Uuid, TokenRecord>,
     /// Host name by SHA-256 of its bearer token.
     pub host_tokens: HashMap<String, String>,
     pub last_event: u64,
 }
 
+#[derive(Default)]
+pub struct Placed {
+    names: BTreeSet<String>,
+    allocated: Resources,
+}
+
 impl Inventory {
+    pub fn vms(&self) -> &BTreeMap<String, Vm> {
+        &self.vms
+    }
+
+    pub fn put_vm(&mut self, vm: Vm) {
+        self.remove_vm(&vm.name);
+        let placed = self.placed.entry(vm.host_id).or_default();
+        placed.names.insert(vm.name.clone());
+        placed.allocated = placed.allocated.add(&vm.size);
+        self.vm_names.insert(vm.id, vm.name.clone());
+        self.vms.insert(vm.name.clone(), vm);
+    }
+
+    pub fn remove_vm(&mut self, name: &str) -> Option<Vm> {
+        let vm = self.vms.remove(name)?;
+        if let Some(placed) = self.placed.get_mut(&vm.host_id) {
+            placed.names.remove(name);
+            placed.allocated = placed.allocated.saturating_sub(&vm.size);
+        }
+        self.vm_names.remove(&vm.id);
+        Some(vm)
+    }
+
+    /// The VMs placed on a host.
+    pub fn vms_on(&self, host: Uuid) -> impl Iterator<Item = &Vm> {
+        self.placed
+            .get(&host)
+            .into_iter()
+            .flat_map(|p| p.names.iter())
+            .filter_map(|name| self.vms.get(name))
+    }
+
+    /// Sum of the sizes of the VMs on a host, and how many there are.
+    pub fn allocated(&self, host: Uuid) -> (Resources, u32) {
+        self.placed
+            .get(&host)
+            .map_or((Resources::default(), 0), |p| {
+                (p.allocated, p.names.len() as u32)
+            })
+    }
+
+    /// Record a guest's measured CPU use (kept in memory only).
+    pub fn set_cpu_percent(&mut self, id: Uuid, cpu: Option<f32>) {
+        if let Some(vm) = self.vm_names.get(&id).and_then(|n| self.vms.get_mut(n)) {
+            vm.cpu_percent = cpu;
+        }
+    }
+
     pub fn host_by_id(&self, id: Uuid) -> Option<&HostEntry> {
         self.hosts.values().find(|h| h.rec.id == id)
     }
@@ -243,8 +303,10 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
         inv.images.insert(i.name.clone(), i);
     }
     for kv in store.range(vms::PREFIX).await? {
-        let v: Vm = decode(&kv)?;
-        inv.vms.insert(v.name.clone(), v);
+        inv.put_vm(Vm {
+            cpu_percent: None,
+            ..decode(&kv)?
+        });
     }
     for kv in store.range(join_tokens::PREFIX).await? {
         let t: TokenRecord = decode(&kv)?;

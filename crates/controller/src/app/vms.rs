@@ -31,6 +31,7 @@ use kumo_api::{
     validate_name, ApiError, ConsoleLog, CreateVm, ErrorCode, ObservedState, PowerState, Resources,
     Vm, VmState, VmStatus, DEFAULT_PROJECT,
 };
+use std::collections::HashMap;
 use uuid::Uuid;
 
 pub const PREFIX: &str = "vms/";
@@ -103,8 +104,9 @@ pub(super) fn reconcile_reported(
         removed: Vec::new(),
         host_generation: None,
     };
-    for vm in inv.vms.values().filter(|v| v.host_id == host.id) {
-        let status = statuses.iter().find(|s| s.id == vm.id);
+    let statuses: HashMap<Uuid, &VmStatus> = statuses.iter().map(|s| (s.id, s)).collect();
+    for vm in inv.vms_on(host.id) {
+        let status = statuses.get(&vm.id).copied();
         if vm.state == VmState::Deleting {
             if caught_up && status.is_none() {
                 batch.delete(key(&vm.name));
@@ -175,15 +177,13 @@ impl App {
         reported: Reported,
     ) {
         for vm in reported.changed {
-            inv.vms.insert(vm.name.clone(), vm);
+            inv.put_vm(vm);
         }
         for name in reported.removed {
-            inv.vms.remove(&name);
+            inv.remove_vm(&name);
         }
         for s in statuses {
-            if let Some(vm) = inv.vms.values_mut().find(|v| v.id == s.id) {
-                vm.cpu_percent = s.cpu_percent;
-            }
+            inv.set_cpu_percent(s.id, s.cpu_percent);
         }
         if let Some(generation) = reported.host_generation {
             let entry = inv.hosts.get_mut(host).expect("host present");
@@ -200,11 +200,7 @@ pub(super) fn mark_unknown(
     batch: &mut Batch,
 ) -> Vec<Vm> {
     let mut changed = Vec::new();
-    for vm in inv
-        .vms
-        .values()
-        .filter(|v| v.host_id == host.id && v.state != VmState::Deleting)
-    {
+    for vm in inv.vms_on(host.id).filter(|v| v.state != VmState::Deleting) {
         let next = Vm {
             state: VmState::Unknown,
             message: Some(format!("host {} is down", host.name)),
@@ -244,11 +240,11 @@ fn bump_generation(inv: &Inventory, host_id: Uuid, batch: &mut Batch) -> Result<
 
 impl App {
     pub async fn vm_list(&self) -> Vec<Vm> {
-        self.inv.read().await.vms.values().cloned().collect()
+        self.inv.read().await.vms().values().cloned().collect()
     }
 
     pub async fn vm_get(&self, name: &str) -> Result<Vm> {
-        Ok(lookup(&self.inv.read().await.vms, "vm", name)?.clone())
+        Ok(lookup(self.inv.read().await.vms(), "vm", name)?.clone())
     }
 
     pub async fn vm_create(&self, req: CreateVm) -> Result<Vm> {
@@ -262,7 +258,7 @@ impl App {
             " MiB",
         )?;
         let mut inv = self.inv.write().await;
-        if inv.vms.contains_key(&req.name) {
+        if inv.vms().contains_key(&req.name) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("name: VM {:?} already exists", req.name),
@@ -347,7 +343,7 @@ impl App {
             ),
         );
         self.commit(&mut inv, batch).await?;
-        inv.vms.insert(vm.name.clone(), vm.clone());
+        inv.put_vm(vm.clone());
         self.install_host(&mut inv, rec);
         Ok(vm)
     }
@@ -367,7 +363,7 @@ impl App {
         change: impl FnOnce(&mut Vm) -> Result<()>,
     ) -> Result<Vm> {
         let mut inv = self.inv.write().await;
-        let mut vm = lookup(&inv.vms, "vm", name)?.clone();
+        let mut vm = lookup(inv.vms(), "vm", name)?.clone();
         if vm.state == VmState::Deleting {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
@@ -392,7 +388,7 @@ impl App {
             format!("{verb} requested"),
         );
         self.commit(&mut inv, batch).await?;
-        inv.vms.insert(vm.name.clone(), vm.clone());
+        inv.put_vm(vm.clone());
         self.install_host(&mut inv, rec);
         Ok(vm)
     }
@@ -490,7 +486,7 @@ impl App {
     /// The VM, its host's agent address and the secret to call it with.
     pub async fn vm_agent(&self, name: &str) -> Result<(Vm, String, String)> {
         let inv = self.inv.read().await;
-        let vm = lookup(&inv.vms, "vm", name)?.clone();
+        let vm = lookup(inv.vms(), "vm", name)?.clone();
         let host = inv
             .host_by_id(vm.host_id)
             .ok_or_else(|| crate::Error::internal(format!("host of VM {name} missing")))?;
