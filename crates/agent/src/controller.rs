@@ -32,12 +32,14 @@ pub struct Controller {
 /// A controller answer that is not a success.
 #[derive(Debug, thiserror::Error)]
 enum CallError {
-    #[error("controller refused the token")]
+    #[error("the controller refused this host's token (was the host removed? restart the agent with --join-token to join again)")]
     Unauthorized,
     #[error("controller: {0}")]
     Api(ApiError),
     #[error("controller unreachable")]
     Http(#[from] reqwest::Error),
+    #[error("saving the identity: {0}")]
+    Identity(String),
 }
 
 impl Controller {
@@ -89,16 +91,25 @@ impl Controller {
         loop {
             match c.join(&config.data_dir).await {
                 Ok(()) => break,
+                // The controller forgot this host (it was removed): an
+                // operator who restarts the agent with a join token wants it
+                // to join anew.
+                Err(CallError::Unauthorized)
+                    if !c.token().is_empty() && config.join_token.is_some() =>
+                {
+                    tracing::warn!("the controller refused this host's token; joining anew with the join token");
+                    c.identity.lock().expect("lock").host_token.clear();
+                }
                 Err(e) if known.is_some() => {
                     tracing::warn!(error = %e, "could not update the registration; going on with the saved identity");
                     break;
                 }
-                Err(e) if attempt < 60 && e.downcast_ref::<reqwest::Error>().is_some() => {
+                Err(e @ CallError::Http(_)) if attempt < 60 => {
                     attempt += 1;
                     tracing::warn!(error = %e, "controller not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok((c, agent_secret))
@@ -112,7 +123,7 @@ impl Controller {
         self.identity.lock().expect("lock").host_token.clone()
     }
 
-    async fn join(&self, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    async fn join(&self, data_dir: &std::path::Path) -> Result<(), CallError> {
         let mut req = self
             .http
             .post(format!("{}/v1/agent/register", self.url))
@@ -121,18 +132,15 @@ impl Controller {
         if !token.is_empty() {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await?;
-        if !resp.status().is_success() {
-            let err: ApiError = resp.json().await?;
-            bail!("joining the pool: {err}");
-        }
-        let r: RegisterHostResponse = resp.json().await?;
+        let r: RegisterHostResponse = Self::answer(req.send().await?).await?;
         let identity = Identity {
             host_id: r.host_id,
             host_token: r.host_token,
             agent_secret: self.register.agent_secret.clone(),
         };
-        ledger::write_atomic(data_dir, IDENTITY, &serde_json::to_vec_pretty(&identity)?)?;
+        let bytes = serde_json::to_vec_pretty(&identity).expect("identity serializes");
+        ledger::write_atomic(data_dir, IDENTITY, &bytes)
+            .map_err(|e| CallError::Identity(format!("{e:#}")))?;
         *self.identity.lock().expect("lock") = identity;
         tracing::info!(host_id = %r.host_id, "joined the pool");
         Ok(())
@@ -142,7 +150,12 @@ impl Controller {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
-        let resp = req.bearer_auth(self.token()).send().await?;
+        Self::answer(req.bearer_auth(self.token()).send().await?).await
+    }
+
+    async fn answer<T: serde::de::DeserializeOwned>(
+        resp: reqwest::Response,
+    ) -> Result<T, CallError> {
         if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
             return Err(CallError::Unauthorized);
         }
@@ -150,16 +163,6 @@ impl Controller {
             return Err(CallError::Api(resp.json().await?));
         }
         Ok(resp.json().await?)
-    }
-
-    /// After a refused token: join again if we can.
-    async fn recover(&self, data_dir: &std::path::Path, e: &CallError) {
-        if matches!(e, CallError::Unauthorized) && !self.register.join_token.is_empty() {
-            self.identity.lock().expect("lock").host_token.clear();
-            if let Err(e) = self.join(data_dir).await {
-                tracing::warn!(error = %e, "re-joining");
-            }
-        }
     }
 
     pub fn image_url(&self, id: Uuid) -> (String, String) {
@@ -189,7 +192,6 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             .json(&hb);
         if let Err(e) = c.call::<HeartbeatResponse>(req).await {
             tracing::warn!(error = %e, "heartbeat");
-            c.recover(&shared.config.data_dir, &e).await;
         }
     }
 }
@@ -207,7 +209,9 @@ pub async fn follow_desired(shared: Arc<Shared>) {
         };
         let req = c.http.get(format!("{}/v1/agent/desired{query}", c.url));
         match c.call::<DesiredState>(req).await {
-            Ok(desired) if first || desired.generation > after => {
+            // Any other generation is news: a newer one, or the state of a
+            // host that was removed and joined anew under this name.
+            Ok(desired) if first || desired.generation != after => {
                 first = false;
                 if let Err(e) = ledger::store(&shared.config.data_dir, &desired) {
                     tracing::error!(error = %e, "persisting the desired state; not applying it");
@@ -219,7 +223,6 @@ pub async fn follow_desired(shared: Arc<Shared>) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "fetching the desired state");
-                c.recover(&shared.config.data_dir, &e).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

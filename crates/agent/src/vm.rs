@@ -35,7 +35,14 @@ pub async fn apply(shared: &Arc<Shared>, desired: DesiredState) {
     for spec in &desired.vms {
         match vms.get(&spec.id) {
             Some(h) => {
-                h.spec.send_replace(Some(spec.clone()));
+                let old = h.spec.send_replace(Some(spec.clone()));
+                if old.as_ref() != Some(spec) {
+                    // Until the actor has acted on the new spec, what it
+                    // reported before says nothing about it.
+                    let mut s = h.status.lock().expect("lock");
+                    s.state = pending(spec.power);
+                    s.message = None;
+                }
             }
             None => {
                 let handle = spawn(shared.clone(), spec.clone());
@@ -81,10 +88,18 @@ pub async fn remove_orphans(shared: &Shared, ledger: Option<&DesiredState>) {
     }
 }
 
+/// What a VM is until its actor has acted on a new spec.
+fn pending(power: PowerState) -> ObservedState {
+    match power {
+        PowerState::Running => ObservedState::Starting,
+        PowerState::Stopped => ObservedState::Stopping,
+    }
+}
+
 fn spawn(shared: Arc<Shared>, spec: VmSpec) -> VmHandle {
     let status = Arc::new(std::sync::Mutex::new(VmStatus {
         id: spec.id,
-        state: ObservedState::Starting,
+        state: pending(spec.power),
         reboots: spec.reboots,
         cpu_percent: None,
         message: None,
@@ -145,6 +160,15 @@ async fn run(
 }
 
 impl Actor {
+    /// Reboot requests carried out, kept with the guest so that an agent
+    /// restart neither repeats nor forgets one.
+    fn mark_reboots(&mut self, n: u64) {
+        if self.reboots_done != Some(n) {
+            self.reboots_done = Some(n);
+            self.guest.save_reboots(n);
+        }
+    }
+
     fn report(&self, state: ObservedState, reboots: u64, message: Option<String>) {
         let mut s = self.status.lock().expect("lock");
         s.state = state;
@@ -156,7 +180,12 @@ impl Actor {
     async fn converge(&mut self, spec: &VmSpec) {
         let running = self.guest.is_running().await;
         let first = self.last_power.is_none();
-        let done = *self.reboots_done.get_or_insert(spec.reboots);
+        // After an agent restart, the count the guest's host kept (a reboot
+        // asked for just before the agent died is still owed).
+        let done = match self.reboots_done {
+            Some(done) => done,
+            None => self.guest.saved_reboots().unwrap_or(spec.reboots),
+        };
         match spec.power {
             PowerState::Running if running => {
                 if spec.reboots > done {
@@ -165,7 +194,7 @@ impl Actor {
                         tracing::warn!(vm = %spec.name, error = %e, "reset");
                     }
                 }
-                self.reboots_done = Some(spec.reboots);
+                self.mark_reboots(spec.reboots);
                 self.failed = false;
                 self.report(ObservedState::Running, spec.reboots, None);
             }
@@ -175,7 +204,7 @@ impl Actor {
                 if asked {
                     self.report(ObservedState::Starting, spec.reboots, None);
                     tracing::info!(vm = %spec.name, "starting");
-                    self.reboots_done = Some(spec.reboots);
+                    self.mark_reboots(spec.reboots);
                     match self.guest.start(&self.shared, spec).await {
                         Ok(()) => {
                             self.failed = false;
@@ -200,7 +229,7 @@ impl Actor {
                         tracing::warn!(vm = %spec.name, error = %e, "stop");
                     }
                 }
-                self.reboots_done = Some(spec.reboots);
+                self.mark_reboots(spec.reboots);
                 self.failed = false;
                 let state = if self.guest.is_running().await {
                     ObservedState::Stopping

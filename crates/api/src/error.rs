@@ -51,6 +51,15 @@ impl ApiError {
         }
     }
 
+    /// A `name` that is taken.
+    pub fn already_exists(kind: &str, name: &str) -> Self {
+        Self {
+            code: ErrorCode::AlreadyExists,
+            message: format!("name: {kind} {name:?} already exists; pick another name"),
+            field: Some("name".into()),
+        }
+    }
+
     pub fn not_found(kind: &str, name: &str) -> Self {
         Self::new(ErrorCode::NotFound, format!("{kind} {name:?} not found"))
     }

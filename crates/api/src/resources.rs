@@ -17,12 +17,6 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub fn fits_in(&self, free: &Resources) -> bool {
-        self.vcpus <= free.vcpus
-            && self.memory_mib <= free.memory_mib
-            && self.disk_gib <= free.disk_gib
-    }
-
     pub fn saturating_sub(&self, other: &Resources) -> Resources {
         Resources {
             vcpus: self.vcpus.saturating_sub(other.vcpus),

@@ -37,6 +37,19 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A name as one URL path segment: anything but unreserved characters is
+/// percent-encoded, so a name can never reach another endpoint.
+fn segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
@@ -108,7 +121,7 @@ impl Client {
     }
 
     pub async fn zone(&self, name: &str) -> Result<Zone> {
-        self.get(&format!("/v1/zones/{name}")).await
+        self.get(&format!("/v1/zones/{}", segment(name))).await
     }
 
     pub async fn zone_create(&self, req: &CreateZone) -> Result<Zone> {
@@ -116,7 +129,7 @@ impl Client {
     }
 
     pub async fn zone_delete(&self, name: &str) -> Result<()> {
-        self.delete(&format!("/v1/zones/{name}")).await
+        self.delete(&format!("/v1/zones/{}", segment(name))).await
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>> {
@@ -124,16 +137,17 @@ impl Client {
     }
 
     pub async fn host(&self, name: &str) -> Result<Host> {
-        self.get(&format!("/v1/hosts/{name}")).await
+        self.get(&format!("/v1/hosts/{}", segment(name))).await
     }
 
     pub async fn host_enable(&self, name: &str, enabled: bool) -> Result<Host> {
         let verb = if enabled { "enable" } else { "disable" };
-        self.post(&format!("/v1/hosts/{name}/{verb}"), &()).await
+        self.post(&format!("/v1/hosts/{}/{verb}", segment(name)), &())
+            .await
     }
 
     pub async fn host_delete(&self, name: &str) -> Result<()> {
-        self.delete(&format!("/v1/hosts/{name}")).await
+        self.delete(&format!("/v1/hosts/{}", segment(name))).await
     }
 
     pub async fn join_token_create(&self, req: &CreateJoinToken) -> Result<JoinToken> {
@@ -149,7 +163,7 @@ impl Client {
     }
 
     pub async fn image(&self, name: &str) -> Result<Image> {
-        self.get(&format!("/v1/images/{name}")).await
+        self.get(&format!("/v1/images/{}", segment(name))).await
     }
 
     /// Upload an image file, streamed.
@@ -171,7 +185,7 @@ impl Client {
     }
 
     pub async fn image_delete(&self, name: &str) -> Result<()> {
-        self.delete(&format!("/v1/images/{name}")).await
+        self.delete(&format!("/v1/images/{}", segment(name))).await
     }
 
     pub async fn vms(&self) -> Result<Vec<Vm>> {
@@ -179,7 +193,7 @@ impl Client {
     }
 
     pub async fn vm(&self, name: &str) -> Result<Vm> {
-        self.get(&format!("/v1/vms/{name}")).await
+        self.get(&format!("/v1/vms/{}", segment(name))).await
     }
 
     pub async fn vm_create(&self, req: &CreateVm) -> Result<Vm> {
@@ -188,22 +202,24 @@ impl Client {
 
     /// `start`, `stop` or `reboot`.
     pub async fn vm_action(&self, name: &str, action: &str) -> Result<Vm> {
-        self.post(&format!("/v1/vms/{name}/{action}"), &()).await
+        self.post(&format!("/v1/vms/{}/{action}", segment(name)), &())
+            .await
     }
 
     pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
-        self.json(self.request(Method::DELETE, &format!("/v1/vms/{name}")))
+        self.json(self.request(Method::DELETE, &format!("/v1/vms/{}", segment(name))))
             .await
     }
 
     pub async fn console_log(&self, name: &str) -> Result<ConsoleLog> {
-        self.get(&format!("/v1/vms/{name}/console/log")).await
+        self.get(&format!("/v1/vms/{}/console/log", segment(name)))
+            .await
     }
 
     /// The interactive serial console as a raw byte stream.
     pub async fn console(&self, name: &str) -> Result<reqwest::Upgraded> {
         let req = self
-            .request(Method::GET, &format!("/v1/vms/{name}/console"))
+            .request(Method::GET, &format!("/v1/vms/{}/console", segment(name)))
             .header(reqwest::header::CONNECTION, "upgrade")
             .header(reqwest::header::UPGRADE, "kumo-console");
         let resp = self.send(req).await?;

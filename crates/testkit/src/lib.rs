@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// What the tiny guest prints once it is up (after its DHCP attempt).
+pub const GUEST_READY: &str = "kumo guest ready";
+
 /// Poll `check` until it returns `Some`, or fail after `timeout` saying `what`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
 where
@@ -469,6 +472,27 @@ impl RealCloud {
             );
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// How many times the tiny guest has come up so far (its console log
+    /// keeps every boot).
+    pub async fn boots(&self, vm: &str) -> Result<usize> {
+        Ok(self
+            .client
+            .console_log(vm)
+            .await?
+            .text
+            .matches(GUEST_READY)
+            .count())
+    }
+
+    /// Wait until the tiny guest has come up more than `before` times.
+    pub async fn wait_boot(&self, vm: &str, before: usize, timeout: Duration) -> Result<()> {
+        wait_until(timeout, &format!("boot {} of {vm}", before + 1), || async {
+            self.boots(vm).await.ok().filter(|n| *n > before)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Wait until the console log holds `text`.

@@ -336,3 +336,34 @@ async fn tokens_are_checked_on_every_endpoint() {
     );
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// A second machine cannot join under a name in use; a removed host that
+/// joins again starts afresh and runs what it is given.
+#[tokio::test]
+async fn host_names_cannot_be_taken_over_and_removed_hosts_rejoin_afresh() {
+    let mut cloud = cloud_with_image().await;
+    let c = cloud.client.clone();
+    let mut impostor = cloud.agent_config("h1", "z1");
+    impostor.data_dir = cloud.dir.path().join("impostor");
+    let err = kumo_agent::start(impostor).await.err().expect("refused");
+    assert!(format!("{err:#}").contains("already exists"), "{err:#}");
+    assert_eq!(c.hosts().await.unwrap().len(), 1);
+
+    // Give h1 some history (generation > 1), then remove it while its agent
+    // runs, and restart the agent with a join token.
+    c.vm_create(&vm_request("a", "tiny")).await.unwrap();
+    wait_vm(&c, "a", VmState::Running, T).await.unwrap();
+    c.vm_delete("a").await.unwrap();
+    wait_until(T, "a gone", || async { c.vm("a").await.err() })
+        .await
+        .unwrap();
+    let old = c.host("h1").await.unwrap();
+    assert!(old.generation > 1);
+    c.host_delete("h1").await.unwrap();
+    cloud.stop_host(0);
+    cloud.host("h1", "z1").await.unwrap();
+    let new = c.host("h1").await.unwrap();
+    assert_ne!(new.id, old.id);
+    c.vm_create(&vm_request("b", "tiny")).await.unwrap();
+    wait_vm(&c, "b", VmState::Running, T).await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! controller and find everything as it was.
 
 use kumo_api::{CreateVm, HostState, VmState};
-use kumo_testkit::{tiny_image, wait_until, wait_vm, RealCloud};
+use kumo_testkit::{tiny_image, wait_until, wait_vm, RealCloud, GUEST_READY};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -40,10 +40,7 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
         .wait_console("web", &format!("{BANNER}web"), BOOT)
         .await
         .unwrap();
-    cloud
-        .wait_console("web", "kumo guest ready", BOOT)
-        .await
-        .unwrap();
+    cloud.wait_console("web", GUEST_READY, BOOT).await.unwrap();
     let out = cloud
         .console_run("web", "echo hi-$((40+2))", "hi-42")
         .await
@@ -109,17 +106,9 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     assert_eq!(cloud.qemu_pids(), pids);
 
     // Reboot: same QEMU process, the guest boots again.
-    let boots = |log: &str| log.matches(BANNER).count();
-    let before = boots(&c.console_log("web").await.unwrap().text);
+    let before = cloud.boots("web").await.unwrap();
     c.vm_action("web", "reboot").await.unwrap();
-    wait_until(BOOT, "a second boot", || async {
-        c.console_log("web")
-            .await
-            .ok()
-            .filter(|l| boots(&l.text) > before)
-    })
-    .await
-    .unwrap();
+    cloud.wait_boot("web", before, BOOT).await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
     assert_eq!(cloud.qemu_pids(), pids);
 
@@ -127,13 +116,23 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     c.vm_action("web", "stop").await.unwrap();
     wait_vm(&c, "web", VmState::Stopped, BOOT).await.unwrap();
     assert!(cloud.qemu_pids().is_empty(), "stopped means no QEMU");
+    let before = cloud.boots("web").await.unwrap();
     c.vm_action("web", "start").await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+    cloud.wait_boot("web", before, BOOT).await.unwrap();
+    assert_eq!(cloud.qemu_pids().len(), 1);
+
+    // The guest powers itself off: the VM is stopped, and starts again.
     cloud
-        .wait_console("web", "kumo guest ready", BOOT)
+        .console_run("web", "poweroff", "poweroff")
         .await
         .unwrap();
-    assert_eq!(cloud.qemu_pids().len(), 1);
+    let vm = wait_vm(&c, "web", VmState::Stopped, BOOT).await.unwrap();
+    assert_eq!(vm.power, kumo_api::PowerState::Stopped);
+    assert!(cloud.qemu_pids().is_empty());
+    c.vm_action("web", "start").await.unwrap();
+    wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
+
     c.vm_delete("web").await.unwrap();
     wait_until(BOOT, "web deleted", || async { c.vm("web").await.err() })
         .await

@@ -117,6 +117,20 @@ impl Guest {
         }
     }
 
+    pub fn saved_reboots(&self) -> Option<u64> {
+        match self {
+            Guest::Qemu(g) => g.saved_reboots(),
+            Guest::Sim(_) => None,
+        }
+    }
+
+    pub fn save_reboots(&mut self, n: u64) {
+        match self {
+            Guest::Qemu(g) => g.save_reboots(n),
+            Guest::Sim(_) => {}
+        }
+    }
+
     pub fn cpu_percent(&mut self) -> Option<f32> {
         match self {
             Guest::Qemu(g) => g.cpu_percent(),

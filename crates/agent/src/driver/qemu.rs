@@ -331,6 +331,25 @@ impl QemuGuest {
         }
     }
 
+    pub fn saved_reboots(&self) -> Option<u64> {
+        std::fs::read_to_string(self.path("reboots"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn save_reboots(&self, n: u64) {
+        let saved = std::fs::create_dir_all(&self.dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                crate::ledger::write_atomic(&self.dir, "reboots", n.to_string().as_bytes())
+            });
+        if let Err(e) = saved {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "saving the reboot count");
+        }
+    }
+
     /// CPU use of the guest since the last call, percent of one CPU.
     pub fn cpu_percent(&mut self) -> Option<f32> {
         let ticks = metrics::process_ticks(self.pid?)?;

@@ -2,7 +2,6 @@
 //! same transaction as the change it describes.
 
 use super::App;
-use crate::error::Result;
 use kumo_api::{Event, EventQuery};
 
 pub const PREFIX: &str = "events/";
@@ -12,20 +11,21 @@ pub fn key(seq: u64) -> String {
 }
 
 impl App {
-    pub async fn event_list(&self, q: &EventQuery) -> Result<Vec<Event>> {
-        let limit = q.limit.unwrap_or(100).min(10_000);
+    /// The newest events matching the query, oldest first.
+    pub async fn event_list(&self, q: &EventQuery) -> Vec<Event> {
+        let limit = q.limit.unwrap_or(100).min(super::RECENT_EVENTS);
         let after = q.after.unwrap_or(0);
-        let mut out = Vec::new();
-        for kv in self.store().range(PREFIX).await?.iter().rev() {
-            let e: Event = serde_json::from_slice(&kv.value).map_err(crate::Error::internal)?;
-            if e.seq <= after || out.len() >= limit {
-                break;
-            }
-            if q.resource.as_ref().is_none_or(|r| *r == e.resource) {
-                out.push(e);
-            }
-        }
+        let inv = self.inv.read().await;
+        let mut out: Vec<Event> = inv
+            .recent_events
+            .iter()
+            .rev()
+            .take_while(|e| e.seq > after)
+            .filter(|e| q.resource.as_ref().is_none_or(|r| *r == e.resource))
+            .take(limit)
+            .cloned()
+            .collect();
         out.reverse();
-        Ok(out)
+        out
     }
 }

@@ -71,11 +71,12 @@ impl HostEntry {
         }
     }
 
+    /// `down` shows through `disabled`: a silent host is news either way.
     pub fn state(&self) -> HostState {
-        if !self.rec.enabled {
-            HostState::Disabled
-        } else if self.live.down {
+        if self.live.down {
             HostState::Down
+        } else if !self.rec.enabled {
+            HostState::Disabled
         } else {
             HostState::Ready
         }
@@ -170,23 +171,24 @@ impl App {
             )
             .into());
         }
-        if !inv.zones.contains_key(&req.zone) {
-            let known: Vec<_> = inv.zones.keys().cloned().collect();
-            return Err(ApiError::invalid(
-                "zone",
-                format!("unknown zone {:?}; known zones: {known:?}", req.zone),
-            )
-            .into());
+        inv.check_zone("zone", &req.zone)?;
+        if req.capacity.vcpus == 0 {
+            return Err(
+                ApiError::invalid("capacity.vcpus", "a host needs at least one CPU").into(),
+            );
         }
-        if req.capacity.vcpus == 0 || req.capacity.memory_mib == 0 {
-            return Err(ApiError::invalid(
-                "capacity",
-                "a host needs at least one CPU and some memory",
-            )
-            .into());
+        if req.capacity.memory_mib == 0 {
+            return Err(
+                ApiError::invalid("capacity.memory_mib", "a host needs some memory").into(),
+            );
+        }
+        let existing = inv.hosts.get(&req.name).map(|h| h.rec.clone());
+        // A join token never takes over a name in use: two machines would
+        // then run the same VMs. Only the host's own token re-registers it.
+        if existing.is_some() && known_host.is_none() {
+            return Err(ApiError::already_exists("host", &req.name).into());
         }
         let token = random_secret();
-        let existing = inv.hosts.get(&req.name).map(|h| h.rec.clone());
         if let Some(old) = &existing {
             if old.zone != req.zone {
                 return Err(ApiError::new(
@@ -298,7 +300,7 @@ impl App {
     }
 
     /// The host's desired state; with `after`, wait up to `wait` for a
-    /// generation newer than it (long poll), so changes reach agents at once.
+    /// generation other than it (long poll), so changes reach agents at once.
     pub async fn host_desired(
         &self,
         host: &str,
@@ -308,7 +310,9 @@ impl App {
         let id = lookup(&self.inv.read().await.hosts, "host", host)?.rec.id;
         if let Some(after) = after {
             let mut rx = self.watch_generation(id);
-            let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g > after)).await;
+            // Any other generation than the agent's is news, also an older
+            // one (the host was removed and joined anew).
+            let _ = tokio::time::timeout(wait, rx.wait_for(|g| *g != after)).await;
         }
         let inv = self.inv.read().await;
         let h = lookup(&inv.hosts, "host", host)?;

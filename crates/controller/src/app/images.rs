@@ -109,11 +109,7 @@ impl App {
     pub async fn image_check_name(&self, name: &str) -> Result<()> {
         validate_name("name", name)?;
         if self.inv.read().await.images.contains_key(name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("name: image {name:?} already exists"),
-            )
-            .into());
+            return Err(ApiError::already_exists("image", name).into());
         }
         Ok(())
     }
@@ -154,11 +150,7 @@ impl App {
         };
         let mut inv = self.inv.write().await;
         if inv.images.contains_key(name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("name: image {name:?} already exists"),
-            )
-            .into());
+            return Err(ApiError::already_exists("image", name).into());
         }
         tokio::fs::rename(upload, self.image_path(image.id))
             .await

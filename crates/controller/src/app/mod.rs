@@ -20,7 +20,7 @@ use crate::Config;
 use kumo_api::{Event, Image, Millis, Resources, Vm, Zone};
 use kumo_store::{Op, SqliteStore, Store};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,7 +47,12 @@ pub struct Inventory {
     /// Host name by SHA-256 of its bearer token.
     pub host_tokens: HashMap<String, String>,
     pub last_event: u64,
+    /// The newest events, served by the API; the store keeps them all.
+    pub recent_events: VecDeque<Event>,
 }
+
+/// How many of the newest events the API serves.
+pub const RECENT_EVENTS: usize = 10_000;
 
 #[derive(Default)]
 pub struct Placed {
@@ -171,6 +176,7 @@ impl App {
         let admin_token = load_or_create_admin_token(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("state.db"))?);
         let inv = load_inventory(store.as_ref()).await?;
+        remove_orphan_images(&config.data_dir.join("images"), &inv);
         let generations = inv
             .hosts
             .values()
@@ -237,6 +243,12 @@ impl App {
         }
         self.store.txn(Vec::new(), batch.ops, Vec::new()).await?;
         inv.last_event = seq;
+        for e in &events {
+            if inv.recent_events.len() == RECENT_EVENTS {
+                inv.recent_events.pop_front();
+            }
+            inv.recent_events.push_back(e.clone());
+        }
         Ok(events)
     }
 
@@ -252,10 +264,6 @@ impl App {
         map.entry(host)
             .or_insert_with(|| watch::channel(0).0)
             .subscribe()
-    }
-
-    pub(crate) fn store(&self) -> &dyn Store {
-        self.store.as_ref()
     }
 }
 
@@ -281,6 +289,19 @@ fn load_or_create_admin_token(dir: &Path) -> anyhow::Result<String> {
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     Ok(token)
+}
+
+/// Image files no image record names: uploads cut short, or an import
+/// killed between placing the file and committing the record.
+fn remove_orphan_images(dir: &Path, inv: &Inventory) {
+    let known: BTreeSet<String> = inv.images.values().map(|i| i.id.to_string()).collect();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !known.contains(&name) {
+            tracing::info!(file = %name, "removing an image file no image owns");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
@@ -312,10 +333,11 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
         let t: TokenRecord = decode(&kv)?;
         inv.join_tokens.insert(t.token.id, t);
     }
-    if let Some(kv) = store.range(events::PREFIX).await?.last() {
-        let e: Event = decode(kv)?;
-        inv.last_event = e.seq;
+    let events = store.range(events::PREFIX).await?;
+    for kv in &events[events.len().saturating_sub(RECENT_EVENTS)..] {
+        inv.recent_events.push_back(decode(kv)?);
     }
+    inv.last_event = inv.recent_events.back().map_or(0, |e| e.seq);
     Ok(inv)
 }
 

@@ -62,23 +62,27 @@ fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>)
     if vm.state == VmState::Deleting {
         return (VmState::Deleting, None);
     }
-    let observed = status.map(|s| s.state);
+    let Some(status) = status else {
+        let state = match vm.power {
+            PowerState::Running => VmState::Starting,
+            PowerState::Stopped => VmState::Stopped,
+        };
+        return (state, None);
+    };
+    // A report older than the last reboot (or retry) asked for.
+    let behind = status.reboots < vm.reboots;
     match vm.power {
-        PowerState::Running => match observed {
-            Some(ObservedState::Running) if status.is_some_and(|s| s.reboots < vm.reboots) => {
-                (VmState::Rebooting, None)
-            }
-            Some(ObservedState::Running) => (VmState::Running, None),
-            Some(ObservedState::Failed) => {
-                (VmState::Failed, status.and_then(|s| s.message.clone()))
-            }
+        PowerState::Running => match status.state {
+            ObservedState::Running if behind => (VmState::Rebooting, None),
+            ObservedState::Running => (VmState::Running, None),
+            ObservedState::Failed if !behind => (VmState::Failed, status.message.clone()),
             _ => (VmState::Starting, None),
         },
-        PowerState::Stopped => match observed {
-            Some(ObservedState::Running | ObservedState::Stopping | ObservedState::Starting) => {
+        PowerState::Stopped => match status.state {
+            ObservedState::Running | ObservedState::Stopping | ObservedState::Starting => {
                 (VmState::Stopping, None)
             }
-            _ => (VmState::Stopped, None),
+            ObservedState::Stopped | ObservedState::Failed => (VmState::Stopped, None),
         },
     }
 }
@@ -98,7 +102,9 @@ pub(super) fn reconcile_reported(
     statuses: &[VmStatus],
     batch: &mut Batch,
 ) -> Reported {
-    let caught_up = applied >= host.generation;
+    // The host runs what we last asked for. (An agent ahead of us applied
+    // the state of a removed host of the same name: not caught up.)
+    let caught_up = applied == host.generation;
     let mut out = Reported {
         changed: Vec::new(),
         removed: Vec::new(),
@@ -122,15 +128,15 @@ pub(super) fn reconcile_reported(
         }
         let mut next = vm.clone();
         // The guest powered itself off: the host has applied our latest
-        // wishes and the VM is down, so take that as the new desired state.
+        // wishes (agents reset a VM's status when its spec changes, so this
+        // report is about the current one) and left it down, so take that as
+        // the new desired state.
         if caught_up
             && vm.power == PowerState::Running
-            && vm.state == VmState::Running
-            && status.is_some_and(|s| s.state == ObservedState::Stopped)
+            && status.is_some_and(|s| s.state == ObservedState::Stopped && s.reboots >= vm.reboots)
         {
             next.power = PowerState::Stopped;
-            let generation = out.host_generation.unwrap_or(host.generation) + 1;
-            out.host_generation = Some(generation);
+            out.host_generation = Some(host.generation + 1);
         }
         let (state, message) = derive_state(&next, status);
         next.state = state;
@@ -259,11 +265,7 @@ impl App {
         )?;
         let mut inv = self.inv.write().await;
         if inv.vms().contains_key(&req.name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("name: VM {:?} already exists", req.name),
-            )
-            .into());
+            return Err(ApiError::already_exists("VM", &req.name).into());
         }
         let image = inv
             .images
@@ -287,14 +289,7 @@ impl App {
             " GiB (the image needs at least its virtual size)",
         )?;
         if let Some(zone) = &req.zone {
-            if !inv.zones.contains_key(zone) {
-                let known: Vec<_> = inv.zones.keys().cloned().collect();
-                return Err(ApiError::invalid(
-                    "zone",
-                    format!("unknown zone {zone:?}; known zones: {known:?}"),
-                )
-                .into());
-            }
+            inv.check_zone("zone", zone)?;
         }
         let size = Resources {
             vcpus: req.vcpus,
@@ -397,13 +392,14 @@ impl App {
         self.vm_change(name, "start", |vm| {
             match (vm.power, vm.state) {
                 (PowerState::Running, VmState::Failed) => vm.reboots += 1,
-                (PowerState::Running, _) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Conflict,
-                        format!("VM {:?} is already {}", vm.name, vm.state),
-                    )
-                    .into())
-                }
+                (PowerState::Running, _) => return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "VM {:?} is {} and meant to run; start applies to a stopped or failed VM",
+                        vm.name, vm.state
+                    ),
+                )
+                .into()),
                 (PowerState::Stopped, _) => vm.power = PowerState::Running,
             }
             vm.state = VmState::Starting;
@@ -418,7 +414,10 @@ impl App {
             if vm.power == PowerState::Stopped {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
-                    format!("VM {:?} is already {}", vm.name, vm.state),
+                    format!(
+                        "VM {:?} is {} and meant to be off; stop applies to a VM that is meant to run",
+                        vm.name, vm.state
+                    ),
                 )
                 .into());
             }
@@ -465,6 +464,7 @@ impl App {
             .agent_http
             .get(&url)
             .bearer_auth(secret)
+            .timeout(std::time::Duration::from_secs(10))
             .send()
             .await
             .and_then(|r| r.error_for_status())
@@ -491,5 +491,83 @@ impl App {
             .host_by_id(vm.host_id)
             .ok_or_else(|| crate::Error::internal(format!("host of VM {name} missing")))?;
         Ok((vm, host.rec.address.clone(), host.rec.agent_secret.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kumo_api::Resources;
+
+    fn vm(power: PowerState, reboots: u64) -> Vm {
+        Vm {
+            id: Uuid::nil(),
+            name: "a".into(),
+            project: DEFAULT_PROJECT.into(),
+            image: "i".into(),
+            image_id: Uuid::nil(),
+            size: Resources::default(),
+            zone: "z".into(),
+            host: "h".into(),
+            host_id: Uuid::nil(),
+            state: VmState::Starting,
+            power,
+            reboots,
+            cpu_percent: None,
+            message: None,
+            created_at: 0,
+        }
+    }
+
+    fn report(state: ObservedState, reboots: u64) -> VmStatus {
+        VmStatus {
+            id: Uuid::nil(),
+            state,
+            reboots,
+            cpu_percent: None,
+            message: Some("boom".into()),
+        }
+    }
+
+    #[test]
+    fn states_follow_wishes_and_reports() {
+        use ObservedState as O;
+        use PowerState::{Running, Stopped};
+        let cases = [
+            (vm(Running, 0), None, VmState::Starting),
+            (vm(Stopped, 0), None, VmState::Stopped),
+            (
+                vm(Running, 0),
+                Some(report(O::Running, 0)),
+                VmState::Running,
+            ),
+            (
+                vm(Running, 1),
+                Some(report(O::Running, 0)),
+                VmState::Rebooting,
+            ),
+            (vm(Running, 0), Some(report(O::Failed, 0)), VmState::Failed),
+            // A start retried after a failure: the old failure is stale.
+            (
+                vm(Running, 1),
+                Some(report(O::Failed, 0)),
+                VmState::Starting,
+            ),
+            (
+                vm(Stopped, 0),
+                Some(report(O::Running, 0)),
+                VmState::Stopping,
+            ),
+            (vm(Stopped, 0), Some(report(O::Failed, 0)), VmState::Stopped),
+        ];
+        for (vm, status, want) in cases {
+            let (got, _) = derive_state(&vm, status.as_ref());
+            assert_eq!(got, want, "{:?} {:?}", vm.power, status.map(|s| s.state));
+        }
+        let deleting = Vm {
+            state: VmState::Deleting,
+            ..vm(Running, 0)
+        };
+        assert_eq!(derive_state(&deleting, None).0, VmState::Deleting);
     }
 }

@@ -11,6 +11,21 @@ fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
 }
 
+impl super::Inventory {
+    /// Fail unless `zone` exists, naming the `field` and the known zones.
+    pub fn check_zone(&self, field: &str, zone: &str) -> Result<()> {
+        if self.zones.contains_key(zone) {
+            return Ok(());
+        }
+        let known: Vec<_> = self.zones.keys().cloned().collect();
+        Err(ApiError::invalid(
+            field,
+            format!("unknown zone {zone:?}; known zones: {known:?}"),
+        )
+        .into())
+    }
+}
+
 impl App {
     pub async fn zone_list(&self) -> Vec<Zone> {
         self.inv.read().await.zones.values().cloned().collect()
@@ -24,11 +39,7 @@ impl App {
         validate_name("name", &req.name)?;
         let mut inv = self.inv.write().await;
         if inv.zones.contains_key(&req.name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("name: zone {:?} already exists", req.name),
-            )
-            .into());
+            return Err(ApiError::already_exists("zone", &req.name).into());
         }
         let zone = Zone {
             id: Uuid::new_v4(),

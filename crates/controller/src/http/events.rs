@@ -1,5 +1,4 @@
 use super::{ApiQuery, AppState};
-use crate::error::Result;
 use axum::routing::get;
 use axum::{Json, Router};
 use kumo_api::{Event, EventQuery};
@@ -11,6 +10,6 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
 
 /// The newest events, oldest first.
 #[utoipa::path(get, path = "/v1/events", params(EventQuery), responses((status = 200, body = [Event])))]
-pub async fn list(state: AppState, ApiQuery(q): ApiQuery<EventQuery>) -> Result<Json<Vec<Event>>> {
-    Ok(Json(state.event_list(&q).await?))
+pub async fn list(state: AppState, ApiQuery(q): ApiQuery<EventQuery>) -> Json<Vec<Event>> {
+    Json(state.event_list(&q).await)
 }

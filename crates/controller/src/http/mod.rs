@@ -94,11 +94,32 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(vms::routes())
         .merge(events::routes())
         .merge(agent::routes())
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             authenticate,
         ))
         .with_state(app)
+}
+
+async fn no_route(uri: axum::http::Uri) -> crate::Error {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no endpoint {}; see /v1/openapi.json", uri.path()),
+    )
+    .into()
+}
+
+async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> crate::Error {
+    ApiError::new(
+        ErrorCode::InvalidInput,
+        format!(
+            "{method} is not allowed on {}; see /v1/openapi.json",
+            uri.path()
+        ),
+    )
+    .into()
 }
 
 /// Bearer-token authentication on every endpoint: the admin token for the

@@ -87,6 +87,19 @@ pub async fn console(
     Path(name): Path<String>,
     mut req: Request,
 ) -> Result<Response> {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("kumo-console"));
+    if !wants_upgrade {
+        return Err(ApiError::new(
+            ErrorCode::InvalidInput,
+            "the console is a byte stream: send `Connection: upgrade` and `Upgrade: kumo-console` \
+             (or use `kumo vm console`, or GET .../console/log for the log)",
+        )
+        .into());
+    }
     let (vm, address, secret) = state.vm_agent(&name).await?;
     let unavailable = |e: &dyn std::fmt::Display| {
         ApiError::new(
