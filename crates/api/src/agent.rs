@@ -62,8 +62,8 @@ pub struct Heartbeat {
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatResponse {
-    /// Generation of the host's desired state; fetch it when it is newer
-    /// than the one applied.
+    /// Generation of the host's desired state as the controller holds it
+    /// (agents learn of new ones through the `desired` long poll).
     pub generation: u64,
 }
 

@@ -212,8 +212,9 @@ pub struct Vm {
     pub host_id: Uuid,
     pub state: VmState,
     pub power: PowerState,
-    /// Reboots asked for so far; the host reboots the guest when the count
-    /// it has carried out is lower.
+    /// Reboots (and starts retried after a failure) asked for so far; the
+    /// host resets or starts the guest when the count it has carried out is
+    /// lower.
     pub reboots: u64,
     /// Last measured CPU use of the guest, percent of one CPU.
     #[serde(default)]

@@ -4,22 +4,29 @@
 //! derives the state users see from what the VM's one host reports:
 //!
 //! ```text
-//!              create
-//!                |
-//!                v         host reports running
-//!   +-------> starting ------------------------+
-//!   |            |  qemu failed                 v
-//!   |            +------------> failed      running <-----+
-//!   |  start                      |            |  |        | reset done
-//!   |                       start |      stop  |  | reboot |
-//!   |                             v            v  +--> rebooting
-//!   |                         starting     stopping
-//!   |                                          | ACPI shutdown, or hard
-//!   +----------------------- stopped <---------+ stop after the timeout
+//!                create
+//!                  |
+//!                  v            host reports running
+//!   +-------->  starting ---------------------------+
+//!   |              |  QEMU failed                   v
+//!   |              +-----------> failed          running <------+
+//!   |   start                      |  start        |  |  |       | reset done
+//!   |   (from stopped;             +--> starting   |  |  | reboot|
+//!   |    from failed it                            |  |  +--> rebooting
+//!   |    is a retry)                          stop |  |
+//!   |                                              v  | guest powered
+//!   |                                        stopping | itself off
+//!   |                        ACPI shutdown, or hard |  |
+//!   |                        stop after the timeout v  v
+//!   +---------------------------------------------- stopped
 //!
 //!   any state --delete--> deleting --host confirms it is gone--> (removed)
 //!   any state --host down--> unknown --host back--> derived again
 //! ```
+//!
+//! A guest that powers itself off is taken at its word: its desired power
+//! becomes stopped. A start after a failure bumps the reboot count, which
+//! tells the host to try again; reports older than that count are ignored.
 //!
 //! A VM is placed on exactly one host when it is created and stays there; the
 //! host's desired state (bumped generation) is committed in the same store
@@ -280,6 +287,13 @@ impl App {
                 )
             })?;
         let min_disk = image.virtual_size_bytes.div_ceil(GIB).max(1);
+        if min_disk > MAX_DISK_GIB {
+            return Err(ApiError::invalid(
+                "image",
+                format!("image {:?} needs a {min_disk} GiB disk, more than the largest allowed ({MAX_DISK_GIB} GiB)", image.name),
+            )
+            .into());
+        }
         let disk_gib = req.disk_gib.unwrap_or(min_disk);
         check_range(
             "disk_gib",
@@ -392,14 +406,16 @@ impl App {
         self.vm_change(name, "start", |vm| {
             match (vm.power, vm.state) {
                 (PowerState::Running, VmState::Failed) => vm.reboots += 1,
-                (PowerState::Running, _) => return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    format!(
+                (PowerState::Running, _) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!(
                         "VM {:?} is {} and meant to run; start applies to a stopped or failed VM",
                         vm.name, vm.state
                     ),
-                )
-                .into()),
+                    )
+                    .into())
+                }
                 (PowerState::Stopped, _) => vm.power = PowerState::Running,
             }
             vm.state = VmState::Starting;
