@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+pub use driver::qemu::live_pid as qemu_pid;
 pub use driver::{Accel, DriverKind};
 
 #[derive(Clone, Debug)]

@@ -400,16 +400,7 @@ impl RealCloud {
         let mut pids = Vec::new();
         for entry in walk(self.dir.path()) {
             if entry.file_name().is_some_and(|n| n == "qemu.pid") {
-                if let Some(pid) = std::fs::read_to_string(&entry)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| c.contains(&*self.dir.path().to_string_lossy()));
-                    if alive {
-                        pids.push(pid);
-                    }
-                }
+                pids.extend(entry.parent().and_then(kumo_agent::qemu_pid));
             }
         }
         pids

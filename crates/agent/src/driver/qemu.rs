@@ -90,6 +90,26 @@ impl Qemu {
     }
 }
 
+/// The live QEMU process of the guest whose directory is `dir`, from its
+/// pidfile. Its command line must name `dir`, so a reused pid is not taken
+/// for the guest; a zombie is not alive.
+pub fn live_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+    if state == 'Z' || state == 'X' {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains(dir.to_string_lossy().as_ref())
+        .then_some(pid)
+}
+
 /// Whether a guest really runs under KVM here: `/dev/kvm` existing is not
 /// enough (some hosts fail at the first instruction with "KVM internal
 /// error"), so boot an empty machine under KVM and see whether it keeps
@@ -146,24 +166,8 @@ impl QemuGuest {
         self.dir.join(name)
     }
 
-    /// The QEMU process of this guest, if it is alive. The command line must
-    /// name this guest's directory, so a reused pid is not mistaken for it.
     fn live_pid(&self) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.path("qemu.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let state = stat[stat.rfind(')')? + 2..].chars().next()?;
-        if state == 'Z' || state == 'X' {
-            return None;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let dir = self.dir.to_string_lossy();
-        String::from_utf8_lossy(&cmdline)
-            .contains(dir.as_ref())
-            .then_some(pid)
+        live_pid(&self.dir)
     }
 
     pub async fn is_running(&mut self) -> bool {

@@ -293,7 +293,7 @@ async fn launch_direct(image: &Path, dir: &Path) -> Result<(Duration, Launch)> {
         .spawn()?;
     let launch = watch(dir, t0).await;
     let _ = qemu.wait();
-    if let Some(pid) = live_pid(dir) {
+    if let Some(pid) = kumo_agent::qemu_pid(dir) {
         use nix::sys::signal::{kill, Signal};
         kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
     }
@@ -313,7 +313,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 async fn watch(dir: &Path, t0: Instant) -> Result<Launch> {
     let (mut running, mut first_output) = (None, None);
     loop {
-        if running.is_none() && live_pid(dir).is_some() {
+        if running.is_none() && kumo_agent::qemu_pid(dir).is_some() {
             running = Some(t0.elapsed());
         }
         if first_output.is_none()
@@ -337,23 +337,12 @@ async fn watch(dir: &Path, t0: Instant) -> Result<Launch> {
     }
 }
 
-fn live_pid(dir: &Path) -> Option<i32> {
-    let pid = std::fs::read_to_string(dir.join("qemu.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
-    (state != 'Z' && state != 'X').then_some(pid)
-}
-
 /// Wait until the guest behind `console_log` has finished booting.
 async fn wait_booted(console_log: &Path) -> Result<()> {
     wait_until(Duration::from_secs(90), "the guest to boot", || async {
         std::fs::read_to_string(console_log)
             .ok()
-            .filter(|t| t.contains("kumo guest ready"))
+            .filter(|t| t.contains(kumo_testkit::GUEST_READY))
     })
     .await?;
     Ok(())
