@@ -31,7 +31,7 @@ pub use hosts::{HostEntry, HostRecord};
 pub use join_tokens::TokenRecord;
 
 /// Everything the controller knows, in memory.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Inventory {
     pub zones: BTreeMap<String, Zone>,
     pub hosts: BTreeMap<String, HostEntry>,
@@ -54,7 +54,7 @@ pub struct Inventory {
 /// How many of the newest events the API serves.
 pub const RECENT_EVENTS: usize = 10_000;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Placed {
     names: BTreeSet<String>,
     allocated: Resources,
