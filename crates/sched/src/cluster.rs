@@ -1,0 +1,994 @@
+//! The cluster as the scheduler sees it: every host's capacity, what is
+//! placed on it and which groups its VMs belong to, updated incrementally as
+//! hosts and VMs come and go — never rebuilt per request.
+//!
+//! CPU model: a host has `capacity.vcpus` physical cores. A VM with
+//! [`CpuPolicy::Dedicated`] gets whole cores of its own (never shared with
+//! another VM); shared vCPUs run on the remaining cores, overcommitted by the
+//! host's `cpu_overcommit` ratio. Memory is overcommitted by
+//! `memory_overcommit` (1.0: none); disk is never overcommitted.
+
+use crate::expr::{Context, Expr, Value};
+use kumo_api::Resources;
+use std::collections::{BTreeMap, HashMap};
+
+/// How a VM's vCPUs map to the host's cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuPolicy {
+    /// vCPUs share cores with other shared VMs (overcommit applies).
+    #[default]
+    Shared,
+    /// Each vCPU gets a physical core of its own.
+    Dedicated,
+}
+
+/// How to choose among the hosts that can take a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Fill the fullest hosts first, leaving whole hosts free.
+    #[default]
+    Pack,
+    /// Put each VM on the emptiest host.
+    Spread,
+    /// Prefer the hosts with the lowest measured CPU load.
+    LoadAware,
+}
+
+/// A host as the scheduler knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostInfo {
+    pub name: String,
+    pub zone: String,
+    /// Physical cores, memory and disk.
+    pub capacity: Resources,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub cpu_model: String,
+    pub labels: BTreeMap<String, String>,
+    /// Ready and enabled: not down, disabled or draining.
+    pub schedulable: bool,
+    /// Measured CPU use, 0–100.
+    pub load: f64,
+}
+
+/// Whether VMs of a group must (or should) share a host or avoid each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub anti: bool,
+    /// A hard rule excludes hosts; a soft one only ranks them.
+    pub hard: bool,
+}
+
+/// What to place.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    pub size: Resources,
+    pub cpu_policy: CpuPolicy,
+    pub zone: Option<String>,
+    pub requirements: Option<Expr>,
+    pub groups: Vec<Group>,
+    pub policy: Policy,
+}
+
+/// The answer to "how many more of these fit?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub fits: u64,
+    /// What stops the most hosts from taking one more.
+    pub limited_by: Option<Constraint>,
+}
+
+/// Where a VM went: the host, and for dedicated VMs the cores it owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub host: String,
+    pub cores: Vec<u32>,
+}
+
+/// The constraints, in the order they are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Constraint {
+    NotSchedulable,
+    Zone,
+    Requirements,
+    AntiAffinity,
+    Affinity,
+    DedicatedCores,
+    Vcpus,
+    Memory,
+    Disk,
+}
+
+impl Constraint {
+    const ALL: [Constraint; 9] = [
+        Constraint::NotSchedulable,
+        Constraint::Zone,
+        Constraint::Requirements,
+        Constraint::AntiAffinity,
+        Constraint::Affinity,
+        Constraint::DedicatedCores,
+        Constraint::Vcpus,
+        Constraint::Memory,
+        Constraint::Disk,
+    ];
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Constraint::NotSchedulable => "not schedulable (down, disabled or draining)",
+            Constraint::Zone => "in another zone",
+            Constraint::Requirements => "not matching the requirements",
+            Constraint::AntiAffinity => "holding a VM of a hard anti-affinity group",
+            Constraint::Affinity => "not holding the VMs of a hard affinity group",
+            Constraint::DedicatedCores => "too few free cores to dedicate",
+            Constraint::Vcpus => "too few free vCPUs",
+            Constraint::Memory => "too little free memory",
+            Constraint::Disk => "too little free disk",
+        }
+    }
+}
+
+/// Why nothing could take the VM: how many hosts each constraint excluded,
+/// and the host that came closest (failed only the latest constraint).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub hosts: usize,
+    pub excluded: Vec<(Constraint, usize)>,
+    pub near_miss: Option<(String, Constraint)>,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no host can take the VM: {} host(s) in the pool",
+            self.hosts
+        )?;
+        let parts: Vec<String> = self
+            .excluded
+            .iter()
+            .map(|(c, n)| format!("{n} {}", c.describe()))
+            .collect();
+        if !parts.is_empty() {
+            write!(f, "; excluded: {}", parts.join(", "))?;
+        }
+        if let Some((host, c)) = &self.near_miss {
+            write!(f, "; nearest miss: {host} ({})", c.describe())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct VmEntry {
+    host: usize,
+    size: Resources,
+    cores: Vec<u32>,
+    groups: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct HostState {
+    info: HostInfo,
+    shared_vcpus: u64,
+    memory_mib: u64,
+    disk_gib: u64,
+    /// `true` for a core dedicated to a VM.
+    dedicated: Vec<bool>,
+    dedicated_count: u32,
+    /// VMs per group on this host.
+    groups: HashMap<String, u32>,
+}
+
+impl HostState {
+    fn new(info: HostInfo) -> Self {
+        let cores = info.capacity.vcpus as usize;
+        HostState {
+            info,
+            shared_vcpus: 0,
+            memory_mib: 0,
+            disk_gib: 0,
+            dedicated: vec![false; cores],
+            dedicated_count: 0,
+            groups: HashMap::new(),
+        }
+    }
+
+    /// Shared vCPUs the host can hold with `extra_dedicated` more cores
+    /// dedicated.
+    fn shared_limit(&self, extra_dedicated: u32) -> u64 {
+        let cores = self
+            .info
+            .capacity
+            .vcpus
+            .saturating_sub(self.dedicated_count + extra_dedicated);
+        (f64::from(cores) * self.info.cpu_overcommit).floor() as u64
+    }
+
+    fn shared_room(&self) -> u64 {
+        self.shared_limit(0).saturating_sub(self.shared_vcpus)
+    }
+
+    fn memory_room(&self) -> u64 {
+        let limit =
+            (self.info.capacity.memory_mib as f64 * self.info.memory_overcommit).floor() as u64;
+        limit.saturating_sub(self.memory_mib)
+    }
+
+    fn disk_room(&self) -> u64 {
+        self.info.capacity.disk_gib.saturating_sub(self.disk_gib)
+    }
+
+    fn free_cores(&self) -> u32 {
+        self.info
+            .capacity
+            .vcpus
+            .saturating_sub(self.dedicated_count)
+    }
+
+    /// The first constraint the host fails for `req`, if any.
+    fn check(&self, req: &Request, group_totals: &HashMap<String, u32>) -> Option<Constraint> {
+        if !self.info.schedulable {
+            return Some(Constraint::NotSchedulable);
+        }
+        if req.zone.as_ref().is_some_and(|z| *z != self.info.zone) {
+            return Some(Constraint::Zone);
+        }
+        if req
+            .requirements
+            .as_ref()
+            .is_some_and(|e| !e.eval_bool(&HostContext(self)))
+        {
+            return Some(Constraint::Requirements);
+        }
+        for g in req.groups.iter().filter(|g| g.hard) {
+            let here = self.groups.get(&g.name).copied().unwrap_or(0);
+            if g.anti && here > 0 {
+                return Some(Constraint::AntiAffinity);
+            }
+            let anywhere = group_totals.get(&g.name).copied().unwrap_or(0);
+            if !g.anti && anywhere > 0 && here == 0 {
+                return Some(Constraint::Affinity);
+            }
+        }
+        match req.cpu_policy {
+            CpuPolicy::Dedicated => {
+                // The cores must be free, and the shared vCPUs already here
+                // must still fit on the cores that remain.
+                if self.free_cores() < req.size.vcpus
+                    || self.shared_limit(req.size.vcpus) < self.shared_vcpus
+                {
+                    return Some(Constraint::DedicatedCores);
+                }
+            }
+            CpuPolicy::Shared => {
+                if self.shared_room() < u64::from(req.size.vcpus) {
+                    return Some(Constraint::Vcpus);
+                }
+            }
+        }
+        if self.memory_room() < req.size.memory_mib {
+            return Some(Constraint::Memory);
+        }
+        if self.disk_room() < req.size.disk_gib {
+            return Some(Constraint::Disk);
+        }
+        None
+    }
+
+    /// How full the host would be with `req` on it, 0 (empty) to 2 (CPU
+    /// and memory both full).
+    fn fullness_with(&self, req: &Request) -> f64 {
+        let cpu_limit = self.shared_limit(0).max(1) as f64;
+        let cpu_used = match req.cpu_policy {
+            CpuPolicy::Shared => self.shared_vcpus + u64::from(req.size.vcpus),
+            CpuPolicy::Dedicated => self.shared_vcpus,
+        } as f64
+            + f64::from(
+                self.dedicated_count
+                    + u32::from(req.cpu_policy == CpuPolicy::Dedicated) * req.size.vcpus,
+            ) * self.info.cpu_overcommit;
+        let mem_limit =
+            (self.info.capacity.memory_mib as f64 * self.info.memory_overcommit).max(1.0);
+        let mem_used = (self.memory_mib + req.size.memory_mib) as f64;
+        (cpu_used / cpu_limit).min(1.0) + (mem_used / mem_limit).min(1.0)
+    }
+
+    /// Soft group rules the host would break: fewer is better.
+    fn soft_violations(&self, req: &Request, group_totals: &HashMap<String, u32>) -> u32 {
+        req.groups
+            .iter()
+            .filter(|g| !g.hard)
+            .filter(|g| {
+                let here = self.groups.get(&g.name).copied().unwrap_or(0);
+                let anywhere = group_totals.get(&g.name).copied().unwrap_or(0);
+                if g.anti {
+                    here > 0
+                } else {
+                    anywhere > 0 && here == 0
+                }
+            })
+            .count() as u32
+    }
+}
+
+/// The cluster's hosts and placed VMs.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Removed hosts leave a hole, so indexes held by VMs stay valid.
+    hosts: Vec<Option<HostState>>,
+    by_name: HashMap<String, usize>,
+    vms: HashMap<String, VmEntry>,
+    group_totals: HashMap<String, u32>,
+}
+
+impl Cluster {
+    pub fn host_count(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Add a host, or update what is known of it (its VMs stay).
+    pub fn upsert_host(&mut self, info: HostInfo) {
+        match self.by_name.get(&info.name) {
+            Some(&i) => {
+                let h = self.hosts[i].as_mut().expect("indexed hosts exist");
+                // Cores dedicated beyond a shrunk capacity stay accounted.
+                let cores = (info.capacity.vcpus as usize)
+                    .max(h.dedicated.iter().rposition(|d| *d).map_or(0, |p| p + 1));
+                h.dedicated.resize(cores, false);
+                h.info = info;
+            }
+            None => {
+                self.by_name.insert(info.name.clone(), self.hosts.len());
+                self.hosts.push(Some(HostState::new(info)));
+            }
+        }
+    }
+
+    /// Remove a host that holds no VMs.
+    pub fn remove_host(&mut self, name: &str) -> Result<(), String> {
+        let Some(&i) = self.by_name.get(name) else {
+            return Ok(());
+        };
+        if self.vms.values().any(|v| v.host == i) {
+            return Err(format!("host {name} still holds VMs"));
+        }
+        self.hosts[i] = None;
+        self.by_name.remove(name);
+        Ok(())
+    }
+
+    fn host_mut(&mut self, name: &str) -> Option<&mut HostState> {
+        let i = *self.by_name.get(name)?;
+        self.hosts[i].as_mut()
+    }
+
+    pub fn set_schedulable(&mut self, name: &str, schedulable: bool) {
+        if let Some(h) = self.host_mut(name) {
+            h.info.schedulable = schedulable;
+        }
+    }
+
+    pub fn set_load(&mut self, name: &str, load: f64) {
+        if let Some(h) = self.host_mut(name) {
+            h.info.load = load;
+        }
+    }
+
+    /// Choose a host for `vm` and reserve what it needs there.
+    pub fn place(&mut self, vm: &str, req: &Request) -> Result<Placement, Refusal> {
+        let mut excluded = [0usize; Constraint::ALL.len()];
+        let mut near: Option<(usize, Constraint)> = None;
+        let mut best: Option<(usize, (u32, f64))> = None;
+        for (i, h) in self.hosts.iter().enumerate() {
+            let Some(h) = h else { continue };
+            if let Some(c) = h.check(req, &self.group_totals) {
+                excluded[c as usize] += 1;
+                if near.is_none_or(|(_, n)| c > n) {
+                    near = Some((i, c));
+                }
+                continue;
+            }
+            let soft = h.soft_violations(req, &self.group_totals);
+            let fullness = h.fullness_with(req);
+            let score = match req.policy {
+                Policy::Pack => -fullness,
+                Policy::Spread => fullness,
+                Policy::LoadAware => h.info.load * 10.0 + fullness,
+            };
+            if best.is_none_or(|(_, (s, sc))| (soft, score) < (s, sc)) {
+                best = Some((i, (soft, score)));
+            }
+        }
+        let Some((i, _)) = best else {
+            return Err(Refusal {
+                hosts: self.by_name.len(),
+                excluded: Constraint::ALL
+                    .iter()
+                    .zip(excluded)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(c, n)| (*c, n))
+                    .collect(),
+                near_miss: near.map(|(i, c)| {
+                    (
+                        self.hosts[i].as_ref().expect("scanned").info.name.clone(),
+                        c,
+                    )
+                }),
+            });
+        };
+        let h = self.hosts[i].as_mut().expect("scanned");
+        let cores: Vec<u32> = match req.cpu_policy {
+            CpuPolicy::Shared => Vec::new(),
+            CpuPolicy::Dedicated => (0..h.dedicated.len() as u32)
+                .filter(|c| !h.dedicated[*c as usize])
+                .take(req.size.vcpus as usize)
+                .collect(),
+        };
+        let host = h.info.name.clone();
+        let groups = req.groups.iter().map(|g| g.name.clone()).collect();
+        self.add_at(vm, i, req.size, cores.clone(), groups);
+        Ok(Placement { host, cores })
+    }
+
+    /// Record a VM placed earlier (on start-up), with its dedicated cores.
+    pub fn add(
+        &mut self,
+        vm: &str,
+        host: &str,
+        size: Resources,
+        cores: Vec<u32>,
+        groups: Vec<String>,
+    ) -> Result<(), String> {
+        let &i = self
+            .by_name
+            .get(host)
+            .ok_or_else(|| format!("unknown host {host}"))?;
+        let h = self.hosts[i].as_ref().expect("indexed hosts exist");
+        if let Some(c) = cores
+            .iter()
+            .find(|c| h.dedicated.get(**c as usize).is_none_or(|d| *d))
+        {
+            return Err(format!("core {c} of host {host} is not free to dedicate"));
+        }
+        self.add_at(vm, i, size, cores, groups);
+        Ok(())
+    }
+
+    fn add_at(
+        &mut self,
+        vm: &str,
+        i: usize,
+        size: Resources,
+        cores: Vec<u32>,
+        groups: Vec<String>,
+    ) {
+        self.release(vm);
+        let h = self.hosts[i].as_mut().expect("indexed hosts exist");
+        if cores.is_empty() {
+            h.shared_vcpus += u64::from(size.vcpus);
+        }
+        for c in &cores {
+            h.dedicated[*c as usize] = true;
+        }
+        h.dedicated_count += cores.len() as u32;
+        h.memory_mib += size.memory_mib;
+        h.disk_gib += size.disk_gib;
+        for g in &groups {
+            *h.groups.entry(g.clone()).or_default() += 1;
+            *self.group_totals.entry(g.clone()).or_default() += 1;
+        }
+        self.vms.insert(
+            vm.to_string(),
+            VmEntry {
+                host: i,
+                size,
+                cores,
+                groups,
+            },
+        );
+    }
+
+    /// How many more VMs of the request's shape fit now (groups aside), and
+    /// which constraint stops the most hosts from taking another.
+    pub fn capacity(&self, req: &Request) -> Capacity {
+        let mut fits = 0u64;
+        let mut limits = [0usize; Constraint::ALL.len()];
+        let shape = Request {
+            size: Resources::default(),
+            cpu_policy: CpuPolicy::Shared,
+            groups: Vec::new(),
+            ..req.clone()
+        };
+        for h in self.hosts.iter().flatten() {
+            // Constraints other than room decide whether the host counts.
+            if h.check(&shape, &self.group_totals).is_some() {
+                continue;
+            }
+            let per = |room: u64, need: u64| room.checked_div(need).unwrap_or(u64::MAX);
+            let (cpu, cpu_limit) = match req.cpu_policy {
+                CpuPolicy::Shared => (
+                    per(h.shared_room(), req.size.vcpus.into()),
+                    Constraint::Vcpus,
+                ),
+                CpuPolicy::Dedicated => {
+                    let k = req.size.vcpus.max(1);
+                    let mut n = h.free_cores() / k;
+                    while n > 0 && h.shared_limit(n * k) < h.shared_vcpus {
+                        n -= 1;
+                    }
+                    (u64::from(n), Constraint::DedicatedCores)
+                }
+            };
+            let options = [
+                (cpu, cpu_limit),
+                (
+                    per(h.memory_room(), req.size.memory_mib),
+                    Constraint::Memory,
+                ),
+                (per(h.disk_room(), req.size.disk_gib), Constraint::Disk),
+            ];
+            let (n, limit) = options
+                .into_iter()
+                .min_by_key(|(n, _)| *n)
+                .expect("three options");
+            fits += n;
+            limits[limit as usize] += 1;
+        }
+        // Among the resources, the one that limits the most hosts (the
+        // first in order on a tie).
+        let mut limited_by: Option<(Constraint, usize)> = None;
+        for c in [
+            Constraint::DedicatedCores,
+            Constraint::Vcpus,
+            Constraint::Memory,
+            Constraint::Disk,
+        ] {
+            let n = limits[c as usize];
+            if n > 0 && limited_by.is_none_or(|(_, m)| n > m) {
+                limited_by = Some((c, n));
+            }
+        }
+        Capacity {
+            fits,
+            limited_by: limited_by.map(|(c, _)| c),
+        }
+    }
+
+    /// Give back what a VM held.
+    pub fn release(&mut self, vm: &str) {
+        let Some(e) = self.vms.remove(vm) else { return };
+        let Some(h) = self.hosts[e.host].as_mut() else {
+            return;
+        };
+        if e.cores.is_empty() {
+            h.shared_vcpus -= u64::from(e.size.vcpus);
+        }
+        for c in &e.cores {
+            h.dedicated[*c as usize] = false;
+        }
+        h.dedicated_count -= e.cores.len() as u32;
+        h.memory_mib -= e.size.memory_mib;
+        h.disk_gib -= e.size.disk_gib;
+        for g in &e.groups {
+            decrement(&mut h.groups, g);
+            decrement(&mut self.group_totals, g);
+        }
+    }
+}
+
+fn decrement(map: &mut HashMap<String, u32>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+/// What an expression may read of a host.
+struct HostContext<'a>(&'a HostState);
+
+impl Context for HostContext<'_> {
+    fn lookup(&self, path: &[&str]) -> Option<Value<'_>> {
+        let h = self.0;
+        let n = |v: u64| Some(Value::Number(v as f64));
+        match path {
+            ["name"] => Some(Value::from(h.info.name.as_str())),
+            ["zone"] => Some(Value::from(h.info.zone.as_str())),
+            ["cpu_model"] => Some(Value::from(h.info.cpu_model.as_str())),
+            ["load"] => Some(Value::Number(h.info.load)),
+            ["vcpus"] => n(h.info.capacity.vcpus.into()),
+            ["memory_mib"] => n(h.info.capacity.memory_mib),
+            ["disk_gib"] => n(h.info.capacity.disk_gib),
+            ["free", "vcpus"] => n(h.shared_room()),
+            ["free", "cores"] => n(h.free_cores().into()),
+            ["free", "memory_mib"] => n(h.memory_room()),
+            ["free", "disk_gib"] => n(h.disk_room()),
+            ["labels", key] => h.info.labels.get(*key).map(|v| Value::from(v.as_str())),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn res(vcpus: u32, memory_mib: u64, disk_gib: u64) -> Resources {
+        Resources {
+            vcpus,
+            memory_mib,
+            disk_gib,
+        }
+    }
+
+    fn host(name: &str, zone: &str, cores: u32, memory_mib: u64) -> HostInfo {
+        HostInfo {
+            name: name.into(),
+            zone: zone.into(),
+            capacity: res(cores, memory_mib, 100),
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            cpu_model: "EPYC".into(),
+            labels: BTreeMap::new(),
+            schedulable: true,
+            load: 0.0,
+        }
+    }
+
+    fn req(vcpus: u32, memory_mib: u64) -> Request {
+        Request {
+            size: res(vcpus, memory_mib, 1),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn pack_fills_the_fullest_host_and_spread_the_emptiest() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z", 8, 8192));
+        c.upsert_host(host("b", "z", 8, 8192));
+        assert_eq!(c.place("v1", &req(2, 1024)).unwrap().host, "a");
+        assert_eq!(
+            c.place("v2", &req(2, 1024)).unwrap().host,
+            "a",
+            "pack stays on the fuller host"
+        );
+        let spread = Request {
+            policy: Policy::Spread,
+            ..req(2, 1024)
+        };
+        assert_eq!(
+            c.place("v3", &spread).unwrap().host,
+            "b",
+            "spread goes to the emptier host"
+        );
+        c.set_load("a", 90.0);
+        let load = Request {
+            policy: Policy::LoadAware,
+            ..req(1, 512)
+        };
+        assert_eq!(c.place("v4", &load).unwrap().host, "b");
+    }
+
+    #[test]
+    fn dedicated_cores_are_exclusive_and_shared_vcpus_avoid_them() {
+        let mut c = Cluster::default();
+        let mut h = host("a", "z", 4, 65536);
+        h.cpu_overcommit = 2.0;
+        c.upsert_host(h);
+        let dedicated = Request {
+            cpu_policy: CpuPolicy::Dedicated,
+            ..req(2, 1024)
+        };
+        let p = c.place("d1", &dedicated).unwrap();
+        assert_eq!(p.cores, vec![0, 1]);
+        // 2 cores left, overcommitted 2x: 4 shared vCPUs.
+        assert!(c.place("s1", &req(4, 1024)).is_ok());
+        let refused = c.place("s2", &req(1, 1024)).unwrap_err();
+        assert_eq!(refused.excluded, vec![(Constraint::Vcpus, 1)]);
+        // Dedicating another core would squeeze the shared vCPUs already there.
+        let refused = c
+            .place(
+                "d2",
+                &Request {
+                    cpu_policy: CpuPolicy::Dedicated,
+                    ..req(1, 1024)
+                },
+            )
+            .unwrap_err();
+        assert_eq!(refused.excluded, vec![(Constraint::DedicatedCores, 1)]);
+        c.release("s1");
+        assert_eq!(c.place("d2", &dedicated).unwrap().cores, vec![2, 3]);
+        c.release("d1");
+        assert_eq!(
+            c.place(
+                "d3",
+                &Request {
+                    cpu_policy: CpuPolicy::Dedicated,
+                    ..req(1, 1024)
+                }
+            )
+            .unwrap()
+            .cores,
+            vec![0]
+        );
+    }
+
+    #[test]
+    fn refusals_count_hosts_per_constraint_and_name_the_nearest_miss() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z1", 4, 4096));
+        c.upsert_host(host("b", "z2", 4, 4096));
+        c.upsert_host(host("c", "z1", 1, 4096));
+        c.upsert_host(host("d", "z1", 8, 1024));
+        c.set_schedulable("a", false);
+        let r = c
+            .place(
+                "v",
+                &Request {
+                    zone: Some("z1".into()),
+                    ..req(2, 2048)
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            r.excluded,
+            vec![
+                (Constraint::NotSchedulable, 1),
+                (Constraint::Zone, 1),
+                (Constraint::Vcpus, 1),
+                (Constraint::Memory, 1)
+            ]
+        );
+        assert_eq!(r.near_miss, Some(("d".into(), Constraint::Memory)));
+        let text = r.to_string();
+        assert!(
+            text.contains("4 host(s)")
+                && text.contains("1 too little free memory")
+                && text.contains("nearest miss: d"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn groups_keep_vms_together_or_apart() {
+        let mut c = Cluster::default();
+        for name in ["a", "b", "c"] {
+            c.upsert_host(host(name, "z", 8, 8192));
+        }
+        let anti = |hard| Request {
+            groups: vec![Group {
+                name: "db".into(),
+                anti: true,
+                hard,
+            }],
+            ..req(1, 512)
+        };
+        let hosts: Vec<String> = (0..3)
+            .map(|i| c.place(&format!("db{i}"), &anti(true)).unwrap().host)
+            .collect();
+        assert_eq!(hosts, ["a", "b", "c"]);
+        let r = c.place("db3", &anti(true)).unwrap_err();
+        assert_eq!(r.excluded, vec![(Constraint::AntiAffinity, 3)]);
+        assert!(
+            c.place("db3", &anti(false)).is_ok(),
+            "a soft rule only ranks"
+        );
+        let together = Request {
+            groups: vec![Group {
+                name: "web".into(),
+                anti: false,
+                hard: true,
+            }],
+            policy: Policy::Spread,
+            ..req(1, 512)
+        };
+        let first = c.place("w0", &together).unwrap().host;
+        assert_eq!(c.place("w1", &together).unwrap().host, first);
+    }
+
+    #[test]
+    fn capacity_counts_what_fits_and_what_runs_out_first() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z", 8, 4096));
+        c.upsert_host(host("b", "z", 2, 65536));
+        c.upsert_host(host("c", "z", 2, 65536));
+        // a: 8 vCPUs but 4 GiB -> 4 (memory); b, c: 2 vCPUs -> 2 each (vCPUs).
+        assert_eq!(
+            c.capacity(&req(1, 1024)),
+            Capacity {
+                fits: 8,
+                limited_by: Some(Constraint::Vcpus)
+            }
+        );
+        let dedicated = Request {
+            cpu_policy: CpuPolicy::Dedicated,
+            ..req(2, 1024)
+        };
+        assert_eq!(c.capacity(&dedicated).fits, 4 + 1 + 1);
+        c.set_schedulable("b", false);
+        c.set_schedulable("c", false);
+        assert_eq!(
+            c.capacity(&req(1, 1024)),
+            Capacity {
+                fits: 4,
+                limited_by: Some(Constraint::Memory)
+            }
+        );
+        // The answer matches placing them one by one.
+        let mut placed = 0;
+        while c.place(&format!("v{placed}"), &req(1, 1024)).is_ok() {
+            placed += 1;
+        }
+        assert_eq!(placed, 4);
+    }
+
+    /// An independent model of one placed VM, to check the cluster's
+    /// incremental state against.
+    #[derive(Clone, Debug)]
+    struct Placed {
+        vm: String,
+        host: String,
+        size: Resources,
+        cores: Vec<u32>,
+        groups: Vec<Group>,
+    }
+
+    /// Whether `r` fits on `info`, recomputed from scratch from `placed`.
+    fn fits_in_model(info: &HostInfo, placed: &[Placed], r: &Request) -> bool {
+        let here: Vec<&Placed> = placed.iter().filter(|p| p.host == info.name).collect();
+        let dedicated: u32 = here.iter().map(|p| p.cores.len() as u32).sum();
+        let shared: u64 = here
+            .iter()
+            .filter(|p| p.cores.is_empty())
+            .map(|p| u64::from(p.size.vcpus))
+            .sum();
+        let memory: u64 = here.iter().map(|p| p.size.memory_mib).sum();
+        let disk: u64 = here.iter().map(|p| p.size.disk_gib).sum();
+        let limit = |cores: u32| (f64::from(cores) * info.cpu_overcommit).floor() as u64;
+        let cores_left = info.capacity.vcpus.saturating_sub(dedicated);
+        let cpu_ok = match r.cpu_policy {
+            CpuPolicy::Shared => shared + u64::from(r.size.vcpus) <= limit(cores_left),
+            CpuPolicy::Dedicated => {
+                r.size.vcpus <= cores_left && shared <= limit(cores_left - r.size.vcpus)
+            }
+        };
+        let group_ok = r.groups.iter().filter(|g| g.hard).all(|g| {
+            let mut members = placed
+                .iter()
+                .filter(|p| p.groups.iter().any(|pg| pg.name == g.name))
+                .peekable();
+            let any = members.peek().is_some();
+            let on_host = members.any(|p| p.host == info.name);
+            if g.anti {
+                !on_host
+            } else {
+                !any || on_host
+            }
+        });
+        info.schedulable
+            && r.zone.as_ref().is_none_or(|z| *z == info.zone)
+            && group_ok
+            && cpu_ok
+            && memory + r.size.memory_mib
+                <= (info.capacity.memory_mib as f64 * info.memory_overcommit).floor() as u64
+            && disk + r.size.disk_gib <= info.capacity.disk_gib
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Place(Request),
+        Release(usize),
+    }
+
+    fn hosts() -> impl Strategy<Value = Vec<HostInfo>> {
+        proptest::collection::vec(
+            (
+                1u32..9,
+                1u64..9,
+                1u64..20,
+                0u8..2,
+                any::<bool>(),
+                0u8..3,
+                0u8..2,
+            ),
+            1..7,
+        )
+        .prop_map(|hs| {
+            hs.into_iter()
+                .enumerate()
+                .map(
+                    |(i, (cores, gib, disk, zone, schedulable, cpu_x, mem_x))| HostInfo {
+                        capacity: res(cores, gib * 1024, disk),
+                        cpu_overcommit: [1.0, 2.0, 4.0][cpu_x as usize],
+                        memory_overcommit: [1.0, 1.5][mem_x as usize],
+                        schedulable: schedulable || i == 0,
+                        ..host(&format!("h{i}"), &format!("z{zone}"), cores, gib * 1024)
+                    },
+                )
+                .collect()
+        })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        let group = (0u8..2, any::<bool>(), any::<bool>()).prop_map(|(g, anti, hard)| Group {
+            name: format!("g{g}"),
+            anti,
+            hard,
+        });
+        (
+            1u32..5,
+            1u64..5,
+            1u64..5,
+            any::<bool>(),
+            proptest::option::of(0u8..2),
+            proptest::option::of(group),
+            0u8..3,
+        )
+            .prop_map(
+                |(vcpus, gib, disk, dedicated, zone, group, policy)| Request {
+                    size: res(vcpus, gib * 512, disk),
+                    cpu_policy: if dedicated {
+                        CpuPolicy::Dedicated
+                    } else {
+                        CpuPolicy::Shared
+                    },
+                    zone: zone.map(|z| format!("z{z}")),
+                    requirements: None,
+                    groups: group.into_iter().collect(),
+                    policy: [Policy::Pack, Policy::Spread, Policy::LoadAware][policy as usize],
+                },
+            )
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        proptest::collection::vec(
+            prop_oneof![3 => request().prop_map(Op::Place), 1 => any::<usize>().prop_map(Op::Release)],
+            1..40,
+        )
+    }
+
+    proptest! {
+        /// Against the model: a placement always fits (with overcommit), a
+        /// dedicated core is never given twice, hard group rules hold, and a
+        /// refusal happens only when no host could take the VM.
+        #[test]
+        fn placements_match_a_brute_force_model(hosts in hosts(), ops in ops()) {
+            let mut c = Cluster::default();
+            for h in &hosts {
+                c.upsert_host(h.clone());
+            }
+            let mut placed: Vec<Placed> = Vec::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Place(r) => {
+                        let vm = format!("vm{n}");
+                        match c.place(&vm, &r) {
+                            Ok(p) => {
+                                let info = hosts.iter().find(|h| h.name == p.host).unwrap();
+                                prop_assert!(fits_in_model(info, &placed, &r), "{} does not fit {:?}", p.host, r);
+                                let taken: Vec<u32> = placed.iter().filter(|q| q.host == p.host).flat_map(|q| q.cores.clone()).collect();
+                                prop_assert!(p.cores.iter().all(|c| !taken.contains(c) && *c < info.capacity.vcpus), "core given twice");
+                                prop_assert_eq!(p.cores.len() as u32, if r.cpu_policy == CpuPolicy::Dedicated { r.size.vcpus } else { 0 });
+                                placed.push(Placed { vm, host: p.host, size: r.size, cores: p.cores, groups: r.groups.clone() });
+                            }
+                            Err(refusal) => {
+                                prop_assert!(!hosts.iter().any(|h| fits_in_model(h, &placed, &r)), "refused but a host fits: {}", refusal);
+                                let counted: usize = refusal.excluded.iter().map(|(_, n)| n).sum();
+                                prop_assert_eq!(counted, hosts.len());
+                            }
+                        }
+                    }
+                    Op::Release(i) if !placed.is_empty() => {
+                        let p = placed.remove(i % placed.len());
+                        c.release(&p.vm);
+                    }
+                    Op::Release(_) => {}
+                }
+            }
+        }
+    }
+}
