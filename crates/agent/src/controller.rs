@@ -80,6 +80,8 @@ impl Controller {
                 agent_secret: agent_secret.clone(),
                 capacity,
                 hypervisor,
+                cpu_model: metrics::cpu_model(),
+                labels: config.labels.clone(),
             },
         };
         if known.is_none() && config.join_token.is_none() {

@@ -43,6 +43,8 @@ pub struct Config {
     pub accel: Accel,
     /// Override measured capacity (e.g. to share one machine between agents).
     pub capacity: CapacityOverride,
+    /// Attributes for requirement expressions (`labels.ssd`).
+    pub labels: std::collections::BTreeMap<String, String>,
     pub heartbeat: Duration,
     /// How long an ACPI shutdown may take before the guest is stopped hard.
     pub stop_timeout: Duration,

@@ -41,12 +41,29 @@ struct Args {
     /// Report this much disk (GiB) instead of the free space of --data-dir.
     #[arg(long)]
     disk_gib: Option<u64>,
+    /// A label for requirement expressions, KEY=VALUE (repeatable), e.g.
+    /// `--label ssd=true` matches `labels.ssd`.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 1.0)]
     heartbeat: f64,
     /// Seconds an ACPI shutdown may take before the guest is stopped hard.
     #[arg(long, default_value_t = 30.0)]
     stop_timeout: f64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let key_ok = !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !key_ok {
+        return Err(format!("label key {k:?}: use letters, digits, '_' and '-'"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
@@ -79,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
             memory_mib: a.memory_mib,
             disk_gib: a.disk_gib,
         },
+        labels: a.labels.into_iter().collect(),
         heartbeat: seconds("heartbeat", a.heartbeat)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
     };

@@ -16,6 +16,17 @@ pub fn capacity(data_dir: &Path, over: CapacityOverride) -> anyhow::Result<Resou
     })
 }
 
+/// The CPU's model name, from /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("model name"))?;
+            Some(line.split_once(':')?.1.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// A value in kB from /proc/meminfo.
 fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

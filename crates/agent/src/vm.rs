@@ -240,6 +240,22 @@ impl Actor {
             }
         }
         self.last_power = Some(spec.power);
+        if self.guest.is_running().await {
+            // Cores dedicated to the other VMs of this host.
+            let reserved = self
+                .shared
+                .applied
+                .lock()
+                .await
+                .vms
+                .iter()
+                .filter(|v| v.id != spec.id)
+                .flat_map(|v| v.cores.iter().copied())
+                .collect();
+            if let Err(e) = self.guest.pin(&spec.cores, &reserved).await {
+                tracing::warn!(vm = %spec.name, error = %format!("{e:#}"), "pinning");
+            }
+        }
         self.status.lock().expect("lock").cpu_percent = self.guest.cpu_percent();
     }
 }

@@ -19,6 +19,10 @@ pub struct RegisterHost {
     pub agent_secret: String,
     pub capacity: Resources,
     pub hypervisor: HypervisorInfo,
+    #[serde(default)]
+    pub cpu_model: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -84,6 +88,10 @@ pub struct VmSpec {
     pub image: ImageRef,
     pub power: PowerState,
     pub reboots: u64,
+    /// Host cores a dedicated VM's vCPUs are pinned to, one each; empty for
+    /// shared VMs, which keep off every dedicated core.
+    #[serde(default)]
+    pub cores: Vec<u32>,
 }
 
 /// Everything a host should run, as of one generation.

@@ -44,6 +44,15 @@ pub struct Zone {
     pub created_at: Millis,
 }
 
+/// Changes to a host's placement settings; absent fields stay as they are.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct UpdateHost {
+    #[serde(default)]
+    pub cpu_overcommit: Option<f64>,
+    #[serde(default)]
+    pub memory_overcommit: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateZone {
     pub name: String,
@@ -105,6 +114,13 @@ pub struct Host {
     /// Where the controller reaches the agent (console).
     pub address: String,
     pub capacity: Resources,
+    /// Shared vCPUs per core the host may hold.
+    pub cpu_overcommit: f64,
+    /// Memory the host may promise, as a multiple of its memory.
+    pub memory_overcommit: f64,
+    pub cpu_model: String,
+    /// Attributes for requirement expressions (`labels.ssd`).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Sum of the sizes of the VMs placed on the host.
     pub allocated: Resources,
     pub hypervisor: HypervisorInfo,
@@ -157,6 +173,32 @@ pub struct Image {
 pub struct ImportImageParams {
     /// Name of the new image.
     pub name: String,
+}
+
+/// How a VM's vCPUs map to its host's cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuPolicy {
+    /// vCPUs share cores with other shared VMs (the host's CPU overcommit
+    /// applies).
+    #[default]
+    Shared,
+    /// Each vCPU gets a physical core of its own, pinned, never shared with
+    /// another VM.
+    Dedicated,
+}
+
+/// How the scheduler chooses among the hosts that can take a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    /// Fill the fullest hosts first, leaving whole hosts free.
+    #[default]
+    Pack,
+    /// Put each VM on the emptiest host.
+    Spread,
+    /// Prefer the hosts with the lowest measured CPU load.
+    LoadAware,
 }
 
 /// Whether the VM should be running.
@@ -222,6 +264,14 @@ pub struct Vm {
     /// Why the VM is in its state, for `failed` and `unknown`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default)]
+    pub cpu_policy: CpuPolicy,
+    /// The host cores a dedicated VM owns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cores: Vec<u32>,
+    /// The requirement expression the VM was placed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<String>,
     pub created_at: Millis,
 }
 
@@ -242,6 +292,45 @@ pub struct CreateVm {
     /// Start the VM once created (default true).
     #[serde(default)]
     pub start: Option<bool>,
+    /// `shared` (default) or `dedicated` cores.
+    #[serde(default)]
+    pub cpu_policy: Option<CpuPolicy>,
+    /// `pack` (default), `spread` or `load_aware`.
+    #[serde(default)]
+    pub policy: Option<PlacementPolicy>,
+    /// Only hosts for which this expression holds, e.g.
+    /// `cpu_model == "EPYC" && labels.ssd`.
+    #[serde(default)]
+    pub requirements: Option<String>,
+}
+
+/// A VM shape for capacity planning.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+pub struct CapacityQuery {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Default 1.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub cpu_policy: Option<CpuPolicy>,
+    #[serde(default)]
+    pub requirements: Option<String>,
+}
+
+/// How many more VMs of a shape fit now, and what runs out first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CapacityReport {
+    pub fits: u64,
+    /// The resource that stops the most hosts from taking another
+    /// (`vcpus`, `dedicated_cores`, `memory`, `disk`), if any host counts.
+    #[serde(default)]
+    pub limited_by: Option<String>,
+    /// Hosts that could hold the shape at all (schedulable, in the zone,
+    /// matching the requirements).
+    pub hosts: usize,
 }
 
 /// Something that happened, kept in an append-only log.

@@ -6,7 +6,9 @@ mod output;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use kumo_api::{CreateJoinToken, CreateVm, CreateZone, EventQuery, Vm, VmState};
+use kumo_api::{
+    CapacityQuery, CreateJoinToken, CreateVm, CreateZone, EventQuery, UpdateHost, Vm, VmState,
+};
 use kumo_client::Client;
 use output::{age, Format};
 use std::path::PathBuf;
@@ -47,6 +49,24 @@ enum Command {
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
+    /// How many more VMs of a shape fit now, and what runs out first.
+    Capacity {
+        #[arg(long)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: u64,
+        /// Disk in GiB.
+        #[arg(long, default_value_t = 1)]
+        disk: u64,
+        #[arg(long)]
+        zone: Option<String>,
+        #[arg(long, value_parser = ["shared", "dedicated"])]
+        cpu_policy: Option<String>,
+        /// Only hosts where this holds.
+        #[arg(long)]
+        requires: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +98,16 @@ enum HostCmd {
     },
     Enable {
         name: String,
+    },
+    /// Change a host's overcommit ratios.
+    Set {
+        name: String,
+        /// Shared vCPUs per core.
+        #[arg(long)]
+        cpu_overcommit: Option<f64>,
+        /// Memory promised per byte of memory.
+        #[arg(long)]
+        memory_overcommit: Option<f64>,
     },
     /// Remove a host without VMs from the pool.
     Delete {
@@ -136,6 +166,15 @@ enum VmCmd {
         disk: Option<u64>,
         #[arg(long)]
         zone: Option<String>,
+        /// `dedicated`: whole host cores of its own, pinned.
+        #[arg(long, value_parser = ["shared", "dedicated"])]
+        cpu_policy: Option<String>,
+        /// How to choose the host.
+        #[arg(long, value_parser = ["pack", "spread", "load_aware"])]
+        policy: Option<String>,
+        /// Only hosts where this holds, e.g. 'cpu_model == "EPYC" && labels.ssd'.
+        #[arg(long)]
+        requires: Option<String>,
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
@@ -226,6 +265,17 @@ async fn run(cli: Cli) -> Result<()> {
             HostCmd::Show { name } => out.hosts(&[client.host(&name).await?]),
             HostCmd::Disable { name } => out.hosts(&[client.host_enable(&name, false).await?]),
             HostCmd::Enable { name } => out.hosts(&[client.host_enable(&name, true).await?]),
+            HostCmd::Set {
+                name,
+                cpu_overcommit,
+                memory_overcommit,
+            } => {
+                let req = UpdateHost {
+                    cpu_overcommit,
+                    memory_overcommit,
+                };
+                out.hosts(&[client.host_update(&name, &req).await?])
+            }
             HostCmd::Delete { name } => {
                 client.host_delete(&name).await?;
                 out.done(&format!("host {name} removed"));
@@ -274,6 +324,33 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Vm(cmd) => vm(&client, out, cmd).await?,
+        Command::Capacity {
+            vcpus,
+            memory,
+            disk,
+            zone,
+            cpu_policy,
+            requires,
+        } => {
+            let q = CapacityQuery {
+                vcpus,
+                memory_mib: memory,
+                disk_gib: Some(disk),
+                zone,
+                cpu_policy: cpu_policy.map(api_enum).transpose()?,
+                requirements: requires,
+            };
+            let report = client.capacity(&q).await?;
+            match out {
+                Format::Json => output::json(&report),
+                Format::Table => println!(
+                    "{} more VM(s) of {vcpus} vCPUs, {memory} MiB, {disk} GiB fit on {} host(s); runs out first: {}",
+                    report.fits,
+                    report.hosts,
+                    report.limited_by.as_deref().unwrap_or("-")
+                ),
+            }
+        }
         Command::Event(EventCmd::List { resource, limit }) => {
             let q = EventQuery {
                 after: None,
@@ -300,6 +377,9 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
             memory,
             disk,
             zone,
+            cpu_policy,
+            policy,
+            requires,
             no_start,
             wait,
         } => {
@@ -311,6 +391,9 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                 disk_gib: disk,
                 zone,
                 start: Some(!no_start),
+                cpu_policy: cpu_policy.map(api_enum).transpose()?,
+                policy: policy.map(api_enum).transpose()?,
+                requirements: requires,
             };
             let target = if no_start {
                 VmState::Stopped
@@ -355,6 +438,11 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
     };
     out.vms(&[vm]);
     Ok(())
+}
+
+/// An API enum from its wire name (clap has already checked the name).
+fn api_enum<T: serde::de::DeserializeOwned>(name: String) -> Result<T> {
+    Ok(serde_json::from_value(serde_json::Value::String(name))?)
 }
 
 const WAIT_LIMIT: Duration = Duration::from_secs(300);

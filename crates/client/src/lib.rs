@@ -229,6 +229,39 @@ impl Client {
         })
     }
 
+    pub async fn capacity(&self, q: &CapacityQuery) -> Result<CapacityReport> {
+        let mut req = self.request(Method::GET, "/v1/capacity").query(&[
+            ("vcpus", q.vcpus.to_string()),
+            ("memory_mib", q.memory_mib.to_string()),
+            ("disk_gib", q.disk_gib.unwrap_or(1).to_string()),
+        ]);
+        if let Some(z) = &q.zone {
+            req = req.query(&[("zone", z)]);
+        }
+        if let Some(p) = q.cpu_policy {
+            req = req.query(&[(
+                "cpu_policy",
+                if p == CpuPolicy::Dedicated {
+                    "dedicated"
+                } else {
+                    "shared"
+                },
+            )]);
+        }
+        if let Some(r) = &q.requirements {
+            req = req.query(&[("requirements", r)]);
+        }
+        self.json(req).await
+    }
+
+    pub async fn host_update(&self, name: &str, req: &UpdateHost) -> Result<Host> {
+        self.json(
+            self.request(Method::PATCH, &format!("/v1/hosts/{}", segment(name)))
+                .json(req),
+        )
+        .await
+    }
+
     pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>> {
         let mut req = self.request(Method::GET, "/v1/events");
         if let Some(a) = q.after {

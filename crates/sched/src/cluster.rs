@@ -10,29 +10,8 @@
 
 use crate::expr::{Context, Expr, Value};
 use kumo_api::Resources;
+pub use kumo_api::{CpuPolicy, PlacementPolicy as Policy};
 use std::collections::{BTreeMap, HashMap};
-
-/// How a VM's vCPUs map to the host's cores.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum CpuPolicy {
-    /// vCPUs share cores with other shared VMs (overcommit applies).
-    #[default]
-    Shared,
-    /// Each vCPU gets a physical core of its own.
-    Dedicated,
-}
-
-/// How to choose among the hosts that can take a VM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Policy {
-    /// Fill the fullest hosts first, leaving whole hosts free.
-    #[default]
-    Pack,
-    /// Put each VM on the emptiest host.
-    Spread,
-    /// Prefer the hosts with the lowest measured CPU load.
-    LoadAware,
-}
 
 /// A host as the scheduler knows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +54,8 @@ pub struct Request {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub fits: u64,
+    /// Hosts that could hold the shape at all.
+    pub hosts: usize,
     /// What stops the most hosts from taking one more.
     pub limited_by: Option<Constraint>,
 }
@@ -112,6 +93,21 @@ impl Constraint {
         Constraint::Memory,
         Constraint::Disk,
     ];
+
+    /// The constraint's name in the API.
+    pub fn key(self) -> &'static str {
+        match self {
+            Constraint::NotSchedulable => "not_schedulable",
+            Constraint::Zone => "zone",
+            Constraint::Requirements => "requirements",
+            Constraint::AntiAffinity => "anti_affinity",
+            Constraint::Affinity => "affinity",
+            Constraint::DedicatedCores => "dedicated_cores",
+            Constraint::Vcpus => "vcpus",
+            Constraint::Memory => "memory",
+            Constraint::Disk => "disk",
+        }
+    }
 
     pub fn describe(self) -> &'static str {
         match self {
@@ -444,6 +440,7 @@ impl Cluster {
             .by_name
             .get(host)
             .ok_or_else(|| format!("unknown host {host}"))?;
+        self.release(vm);
         let h = self.hosts[i].as_ref().expect("indexed hosts exist");
         if let Some(c) = cores
             .iter()
@@ -493,6 +490,7 @@ impl Cluster {
     /// which constraint stops the most hosts from taking another.
     pub fn capacity(&self, req: &Request) -> Capacity {
         let mut fits = 0u64;
+        let mut hosts = 0;
         let mut limits = [0usize; Constraint::ALL.len()];
         let shape = Request {
             size: Resources::default(),
@@ -533,6 +531,7 @@ impl Cluster {
                 .min_by_key(|(n, _)| *n)
                 .expect("three options");
             fits += n;
+            hosts += 1;
             limits[limit as usize] += 1;
         }
         // Among the resources, the one that limits the most hosts (the
@@ -551,6 +550,7 @@ impl Cluster {
         }
         Capacity {
             fits,
+            hosts,
             limited_by: limited_by.map(|(c, _)| c),
         }
     }
@@ -801,6 +801,7 @@ mod tests {
             c.capacity(&req(1, 1024)),
             Capacity {
                 fits: 8,
+                hosts: 3,
                 limited_by: Some(Constraint::Vcpus)
             }
         );
@@ -815,6 +816,7 @@ mod tests {
             c.capacity(&req(1, 1024)),
             Capacity {
                 fits: 4,
+                hosts: 1,
                 limited_by: Some(Constraint::Memory)
             }
         );

@@ -84,6 +84,9 @@ pub fn vm_request(name: &str, image: &str) -> CreateVm {
         disk_gib: None,
         zone: None,
         start: None,
+        cpu_policy: None,
+        policy: None,
+        requirements: None,
     }
 }
 
@@ -153,6 +156,7 @@ impl SimCloud {
                 memory_mib: Some(16384),
                 disk_gib: Some(100),
             },
+            labels: Default::default(),
             heartbeat: Duration::from_millis(100),
             stop_timeout: Duration::from_secs(5),
         }

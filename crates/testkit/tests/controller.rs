@@ -121,7 +121,7 @@ async fn host_without_heartbeats_goes_down_and_comes_back() {
     assert!(vm.message.unwrap().contains("h1 is down"));
     let err = c.vm_create(&vm_request("other", "tiny")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NoValidHost));
-    assert!(err.to_string().contains("1 not ready"), "{err}");
+    assert!(err.to_string().contains("1 not schedulable"), "{err}");
 
     // The host comes back under the same name (with more CPUs now, and no
     // join token needed): same host, same VM, no copies.
@@ -170,12 +170,12 @@ async fn placement_explains_refusals_and_honours_zones() {
     assert_eq!(err.code(), Some(ErrorCode::NoValidHost));
     let msg = err.to_string();
     assert!(
-        msg.contains("1 not ready") && msg.contains("1 in another zone"),
+        msg.contains("1 not schedulable") && msg.contains("1 in another zone"),
         "{msg}"
     );
     let err = c
         .vm_create(&CreateVm {
-            vcpus: 9,
+            vcpus: 33,
             ..vm_request("b", "tiny")
         })
         .await
@@ -366,4 +366,117 @@ async fn host_names_cannot_be_taken_over_and_removed_hosts_rejoin_afresh() {
     assert_ne!(new.id, old.id);
     c.vm_create(&vm_request("b", "tiny")).await.unwrap();
     wait_vm(&c, "b", VmState::Running, T).await.unwrap();
+}
+
+/// The scheduler through the API: requirements over host labels, dedicated
+/// cores, overcommit, policies, capacity planning, and malformed input.
+#[tokio::test]
+async fn scheduler_constraints_through_the_api() {
+    let mut cloud = cloud_with_image().await;
+    let mut fast = cloud.agent_config("h2", "z1");
+    fast.labels.insert("ssd".into(), "true".into());
+    cloud.host_with(fast).await.unwrap();
+    let c = cloud.client.clone();
+
+    // Requirements pick the labelled host; a bad expression points at the error.
+    let vm = c
+        .vm_create(&CreateVm {
+            requirements: Some("labels.ssd && zone == \"z1\"".into()),
+            ..vm_request("db", "tiny")
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.host, "h2");
+    let err = c
+        .vm_create(&CreateVm {
+            requirements: Some("labels.ssd = true".into()),
+            ..vm_request("x", "tiny")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidInput));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("requirements") && msg.contains("position 11") && msg.contains("=="),
+        "{msg}"
+    );
+    let err = c
+        .vm_create(&CreateVm {
+            requirements: Some("labels.gpu".into()),
+            ..vm_request("x", "tiny")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("2 not matching the requirements"),
+        "{err}"
+    );
+
+    // Dedicated cores: 8 per host; whole cores, refused with the reason.
+    let dedicated = |name: &str, vcpus| CreateVm {
+        vcpus,
+        cpu_policy: Some(kumo_api::CpuPolicy::Dedicated),
+        zone: Some("z1".into()),
+        ..vm_request(name, "tiny")
+    };
+    let d = c.vm_create(&dedicated("d1", 6)).await.unwrap();
+    assert_eq!(d.cores.len(), 6);
+    let err = c.vm_create(&dedicated("d2", 9)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("too few free cores to dedicate"),
+        "{err}"
+    );
+
+    // Overcommit: h1 has 8 cores at the default 4x.
+    let cap = c
+        .capacity(&kumo_api::CapacityQuery {
+            vcpus: 1,
+            memory_mib: 256,
+            requirements: Some("name == \"h1\"".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = cap.fits;
+    c.host_update(
+        "h1",
+        &kumo_api::UpdateHost {
+            cpu_overcommit: Some(1.0),
+            memory_overcommit: None,
+        },
+    )
+    .await
+    .unwrap();
+    let cap = c
+        .capacity(&kumo_api::CapacityQuery {
+            vcpus: 1,
+            memory_mib: 256,
+            requirements: Some("name == \"h1\"".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(cap.fits < before, "{before} -> {}", cap.fits);
+    assert_eq!(cap.hosts, 1);
+    let err = c
+        .host_update(
+            "h1",
+            &kumo_api::UpdateHost {
+                cpu_overcommit: Some(0.0),
+                memory_overcommit: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cpu_overcommit"), "{err}");
+
+    // Spread puts the next VM on the emptier host.
+    let spread = c
+        .vm_create(&CreateVm {
+            policy: Some(kumo_api::PlacementPolicy::Spread),
+            ..vm_request("s1", "tiny")
+        })
+        .await
+        .unwrap();
+    assert_eq!(spread.host, "h1", "h2 holds more");
 }

@@ -2,24 +2,12 @@
 //! serial console; stop, start, reboot, delete; kill -9 the agent and the
 //! controller and find everything as it was.
 
-use kumo_api::{CreateVm, HostState, VmState};
-use kumo_testkit::{tiny_image, wait_until, wait_vm, RealCloud, GUEST_READY};
+use kumo_api::{HostState, VmState};
+use kumo_testkit::{tiny_image, vm_request, wait_until, wait_vm, RealCloud, GUEST_READY};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(90);
 const BANNER: &str = "kumo tiny guest: hostname=";
-
-fn vm(name: &str) -> CreateVm {
-    CreateVm {
-        name: name.into(),
-        image: "tiny".into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disk_gib: None,
-        zone: None,
-        start: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
@@ -34,7 +22,7 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     c.image_import("tiny", &image).await.unwrap();
 
     // Boot: the guest gets its name from the cloud and gives a shell.
-    c.vm_create(&vm("web")).await.unwrap();
+    c.vm_create(&vm_request("web", "tiny")).await.unwrap();
     wait_vm(&c, "web", VmState::Running, BOOT).await.unwrap();
     cloud
         .wait_console("web", &format!("{BANNER}web"), BOOT)

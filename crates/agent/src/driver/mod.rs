@@ -94,6 +94,17 @@ impl Guest {
         }
     }
 
+    pub async fn pin(
+        &mut self,
+        cores: &[u32],
+        reserved: &std::collections::BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.pin(cores, reserved).await,
+            Guest::Sim(_) => Ok(()),
+        }
+    }
+
     pub async fn reset(&mut self) -> anyhow::Result<()> {
         match self {
             Guest::Qemu(g) => g.reset().await,

@@ -12,8 +12,10 @@ use crate::{metrics, Shared};
 use anyhow::{bail, Context};
 use kumo_api::{HypervisorInfo, VmSpec};
 use kumo_qmp::Qmp;
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -71,6 +73,7 @@ impl Qemu {
             qmp: None,
             pid: None,
             cpu_sample: None,
+            pinned: None,
         }
     }
 
@@ -159,6 +162,8 @@ pub struct QemuGuest {
     qmp: Option<Qmp>,
     pid: Option<i32>,
     cpu_sample: Option<(u64, Instant)>,
+    /// The pinning last applied: own cores, cores reserved by others.
+    pinned: Option<(Vec<u32>, BTreeSet<u32>)>,
 }
 
 impl QemuGuest {
@@ -185,6 +190,7 @@ impl QemuGuest {
             None => {
                 self.pid = None;
                 self.qmp = None;
+                self.pinned = None;
                 false
             }
         }
@@ -279,6 +285,35 @@ impl QemuGuest {
         .context("making the seed image (is genisoimage installed?)")
     }
 
+    /// Keep the guest's threads on the cores it may use: each vCPU of a
+    /// dedicated VM on its own core (`cores`, one per vCPU), every thread of
+    /// a shared VM off the cores dedicated to other VMs (`reserved`).
+    pub async fn pin(&mut self, cores: &[u32], reserved: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let Some(pid) = self.pid else { return Ok(()) };
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let wanted = (cores.to_vec(), reserved.clone());
+        if self.pinned.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        if cores.is_empty() {
+            let allowed: Vec<u32> = (0..host_cpus).filter(|c| !reserved.contains(c)).collect();
+            for tid in threads(pid) {
+                set_affinity(tid, &allowed)?;
+            }
+        } else {
+            let vcpus = self.qmp()?.query_cpus_fast().await?;
+            for cpu in vcpus {
+                let core = cores
+                    .get(cpu.cpu_index as usize)
+                    .with_context(|| format!("vCPU {} has no dedicated core", cpu.cpu_index))?;
+                set_affinity(cpu.thread_id as i32, &[*core])?;
+            }
+        }
+        tracing::info!(dir = %self.dir.display(), ?cores, ?reserved, "pinned guest threads");
+        self.pinned = Some(wanted);
+        Ok(())
+    }
+
     pub async fn reset(&mut self) -> anyhow::Result<()> {
         Ok(self.qmp()?.system_reset().await?)
     }
@@ -364,6 +399,25 @@ impl QemuGuest {
         (secs > 0.0)
             .then(|| 100.0 * ticks.saturating_sub(t0) as f32 / metrics::TICKS_PER_SECOND / secs)
     }
+}
+
+/// Thread ids of a process.
+fn threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn set_affinity(tid: i32, cpus: &[u32]) -> anyhow::Result<()> {
+    let mut set = CpuSet::new();
+    for c in cpus {
+        set.set(*c as usize)?;
+    }
+    sched_setaffinity(Pid::from_raw(tid), &set)
+        .with_context(|| format!("pinning thread {tid} to {cpus:?}"))
 }
 
 /// Run a command to completion; its stderr becomes the error.

@@ -11,13 +11,19 @@ use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
     HostState, HypervisorInfo, ImageRef, Millis, RegisterHost, RegisterHostResponse, Resources,
-    VmSpec, VmState, DEFAULT_PROJECT,
+    UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub const PREFIX: &str = "hosts/";
+
+/// Shared vCPUs per core a new host may hold (as OpenStack's default
+/// `cpu_allocation_ratio`); `kumo host set` changes it.
+pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
+const MAX_OVERCOMMIT: f64 = 64.0;
 
 pub fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
@@ -32,6 +38,10 @@ pub struct HostRecord {
     pub zone: String,
     pub address: String,
     pub capacity: Resources,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub cpu_model: String,
+    pub labels: BTreeMap<String, String>,
     pub hypervisor: HypervisorInfo,
     pub enabled: bool,
     /// Bumped with every change to what the host should run.
@@ -83,6 +93,23 @@ impl HostEntry {
     }
 }
 
+impl HostEntry {
+    /// The host as the scheduler sees it.
+    pub fn sched_info(&self) -> kumo_sched::HostInfo {
+        kumo_sched::HostInfo {
+            name: self.rec.name.clone(),
+            zone: self.rec.zone.clone(),
+            capacity: self.rec.capacity,
+            cpu_overcommit: self.rec.cpu_overcommit,
+            memory_overcommit: self.rec.memory_overcommit,
+            cpu_model: self.rec.cpu_model.clone(),
+            labels: self.rec.labels.clone(),
+            schedulable: self.state() == HostState::Ready,
+            load: self.live.load.map_or(0.0, |l| f64::from(l.cpu_percent)),
+        }
+    }
+}
+
 impl Inventory {
     pub fn host_view(&self, h: &HostEntry) -> Host {
         let (allocated, vm_count) = self.allocated(h.rec.id);
@@ -94,6 +121,10 @@ impl Inventory {
             state: h.state(),
             address: h.rec.address.clone(),
             capacity: h.rec.capacity,
+            cpu_overcommit: h.rec.cpu_overcommit,
+            memory_overcommit: h.rec.memory_overcommit,
+            cpu_model: h.rec.cpu_model.clone(),
+            labels: h.rec.labels.clone(),
             allocated,
             hypervisor: h.rec.hypervisor.clone(),
             load: h.live.load,
@@ -125,6 +156,7 @@ impl Inventory {
                     },
                     power: v.power,
                     reboots: v.reboots,
+                    cores: v.cores.clone(),
                 })
             })
             .collect();
@@ -208,6 +240,12 @@ impl App {
             zone: req.zone,
             address: req.address,
             capacity: req.capacity,
+            cpu_overcommit: existing
+                .as_ref()
+                .map_or(DEFAULT_CPU_OVERCOMMIT, |o| o.cpu_overcommit),
+            memory_overcommit: existing.as_ref().map_or(1.0, |o| o.memory_overcommit),
+            cpu_model: req.cpu_model,
+            labels: req.labels,
             hypervisor: req.hypervisor,
             enabled: existing.as_ref().is_none_or(|o| o.enabled),
             generation: existing.as_ref().map_or(1, |o| o.generation),
@@ -244,12 +282,14 @@ impl App {
             .insert(rec.token_sha256.clone(), rec.name.clone());
         let host_id = rec.id;
         let generation = rec.generation;
+        let req_name = rec.name.clone();
         match inv.hosts.get_mut(&rec.name) {
             Some(entry) => entry.rec = rec,
             None => {
                 inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
             }
         }
+        inv.sync_host(&req_name);
         drop(inv);
         self.publish_generation(host_id, generation);
         Ok(RegisterHostResponse {
@@ -294,9 +334,9 @@ impl App {
             applied_generation: applied,
             down: false,
         };
-        Ok(HeartbeatResponse {
-            generation: e.rec.generation,
-        })
+        let generation = e.rec.generation;
+        inv.sync_host(host);
+        Ok(HeartbeatResponse { generation })
     }
 
     /// The host's desired state; with `after`, wait up to `wait` for a
@@ -320,23 +360,72 @@ impl App {
     }
 
     pub async fn host_set_enabled(&self, name: &str, enabled: bool) -> Result<Host> {
-        let mut inv = self.inv.write().await;
-        let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
-        if rec.enabled != enabled {
+        self.host_change(name, |rec| {
+            if rec.enabled == enabled {
+                return None;
+            }
             rec.enabled = enabled;
-            let mut batch = Batch::default();
-            batch.put(key(name), &rec);
-            let (kind, msg) = if enabled {
-                ("host.enabled", "host enabled: takes new VMs")
+            Some(if enabled {
+                ("host.enabled", "host enabled: takes new VMs".into())
             } else {
                 (
                     "host.disabled",
-                    "host disabled: takes no new VMs, its VMs keep running",
+                    "host disabled: takes no new VMs, its VMs keep running".into(),
                 )
-            };
-            batch.event(kind, format!("host/{name}"), &rec.project, msg.into());
+            })
+        })
+        .await
+    }
+
+    /// Change a host's overcommit ratios. VMs already placed stay where
+    /// they are; new placements follow the new ratios.
+    pub async fn host_update(&self, name: &str, req: UpdateHost) -> Result<Host> {
+        for (field, value) in [
+            ("cpu_overcommit", req.cpu_overcommit),
+            ("memory_overcommit", req.memory_overcommit),
+        ] {
+            if let Some(v) = value {
+                if !(v > 0.0 && v <= MAX_OVERCOMMIT) {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!(
+                            "{v} is out of range: use more than 0 and at most {MAX_OVERCOMMIT}"
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        self.host_change(name, |rec| {
+            rec.cpu_overcommit = req.cpu_overcommit.unwrap_or(rec.cpu_overcommit);
+            rec.memory_overcommit = req.memory_overcommit.unwrap_or(rec.memory_overcommit);
+            Some((
+                "host.updated",
+                format!(
+                    "overcommit: CPU {}x, memory {}x",
+                    rec.cpu_overcommit, rec.memory_overcommit
+                ),
+            ))
+        })
+        .await
+    }
+
+    /// Apply `change` to a host's record; it returns the event to record,
+    /// or `None` when nothing changed.
+    async fn host_change(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut HostRecord) -> Option<(&'static str, String)>,
+    ) -> Result<Host> {
+        let mut inv = self.inv.write().await;
+        let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        if let Some((kind, msg)) = change(&mut rec) {
+            let mut batch = Batch::default();
+            batch.put(key(name), &rec);
+            batch.event(kind, format!("host/{name}"), &rec.project, msg);
             self.commit(&mut inv, batch).await?;
             inv.hosts.get_mut(name).expect("looked up").rec = rec;
+            inv.sync_host(name);
         }
         let h = lookup(&inv.hosts, "host", name)?;
         Ok(inv.host_view(h))
@@ -363,6 +452,7 @@ impl App {
         );
         self.commit(&mut inv, batch).await?;
         inv.hosts.remove(name);
+        inv.sync_host(name);
         inv.host_tokens.remove(&rec.token_sha256);
         Ok(())
     }
@@ -404,6 +494,7 @@ impl App {
                 inv.put_vm(vm);
             }
             inv.hosts.get_mut(&name).expect("present").live.down = true;
+            inv.sync_host(&name);
         }
         Ok(())
     }

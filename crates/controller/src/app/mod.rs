@@ -11,7 +11,6 @@ pub mod events;
 pub mod hosts;
 pub mod images;
 pub mod join_tokens;
-pub mod placement;
 pub mod vms;
 pub mod zones;
 
@@ -43,6 +42,8 @@ pub struct Inventory {
     /// (allocation, heartbeats, desired state) never scan every VM.
     placed: HashMap<Uuid, Placed>,
     vm_names: HashMap<Uuid, String>,
+    /// The scheduler's view, kept in step with `hosts` and `vms`.
+    pub cluster: kumo_sched::Cluster,
     pub join_tokens: BTreeMap<Uuid, TokenRecord>,
     /// Host name by SHA-256 of its bearer token.
     pub host_tokens: HashMap<String, String>,
@@ -67,6 +68,12 @@ impl Inventory {
 
     pub fn put_vm(&mut self, vm: Vm) {
         self.remove_vm(&vm.name);
+        if let Err(e) = self
+            .cluster
+            .add(&vm.name, &vm.host, vm.size, vm.cores.clone(), Vec::new())
+        {
+            tracing::error!(vm = %vm.name, error = %e, "VM does not fit the scheduler's view of its host");
+        }
         let placed = self.placed.entry(vm.host_id).or_default();
         placed.names.insert(vm.name.clone());
         placed.allocated = placed.allocated.add(&vm.size);
@@ -76,6 +83,7 @@ impl Inventory {
 
     pub fn remove_vm(&mut self, name: &str) -> Option<Vm> {
         let vm = self.vms.remove(name)?;
+        self.cluster.release(name);
         if let Some(placed) = self.placed.get_mut(&vm.host_id) {
             placed.names.remove(name);
             placed.allocated = placed.allocated.saturating_sub(&vm.size);
@@ -106,6 +114,18 @@ impl Inventory {
     pub fn set_cpu_percent(&mut self, id: Uuid, cpu: Option<f32>) {
         if let Some(vm) = self.vm_names.get(&id).and_then(|n| self.vms.get_mut(n)) {
             vm.cpu_percent = cpu;
+        }
+    }
+
+    /// Tell the scheduler what is now known of a host (or that it is gone).
+    pub fn sync_host(&mut self, name: &str) {
+        match self.hosts.get(name) {
+            Some(h) => self.cluster.upsert_host(h.sched_info()),
+            None => {
+                if let Err(e) = self.cluster.remove_host(name) {
+                    tracing::error!(host = %name, error = %e, "removing a host from the scheduler");
+                }
+            }
         }
     }
 
@@ -317,7 +337,9 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
         let rec: HostRecord = decode(&kv)?;
         inv.host_tokens
             .insert(rec.token_sha256.clone(), rec.name.clone());
-        inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
+        let name = rec.name.clone();
+        inv.hosts.insert(name.clone(), HostEntry::new(rec));
+        inv.sync_host(&name);
     }
     for kv in store.range(images::PREFIX).await? {
         let i: Image = decode(&kv)?;

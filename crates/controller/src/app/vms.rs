@@ -32,11 +32,11 @@
 //! host's desired state (bumped generation) is committed in the same store
 //! transaction as the VM, so a controller killed in between loses nothing.
 
-use super::{hosts, lookup, now_ms, placement, App, Batch, Inventory};
+use super::{hosts, lookup, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    validate_name, ApiError, ConsoleLog, CreateVm, ErrorCode, ObservedState, PowerState, Resources,
-    Vm, VmState, VmStatus, DEFAULT_PROJECT,
+    validate_name, ApiError, CapacityQuery, CapacityReport, ConsoleLog, CpuPolicy, CreateVm,
+    ErrorCode, ObservedState, PowerState, Resources, Vm, VmState, VmStatus, DEFAULT_PROJECT,
 };
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -62,6 +62,46 @@ fn check_range(field: &str, value: u64, min: u64, max: u64, unit: &str) -> Resul
         .into());
     }
     Ok(())
+}
+
+fn check_shape(vcpus: u32, memory_mib: u64) -> Result<()> {
+    check_range("vcpus", vcpus.into(), 1, MAX_VCPUS.into(), "")?;
+    check_range(
+        "memory_mib",
+        memory_mib,
+        MIN_MEMORY_MIB,
+        MAX_MEMORY_MIB,
+        " MiB",
+    )
+}
+
+/// A scheduler request from the API's fields, each checked: the zone must
+/// exist and the requirement expression parse (the error points at the
+/// position in it).
+fn sched_request(
+    inv: &Inventory,
+    size: Resources,
+    cpu_policy: CpuPolicy,
+    zone: &Option<String>,
+    requirements: &Option<String>,
+) -> Result<kumo_sched::Request> {
+    if let Some(zone) = zone {
+        inv.check_zone("zone", zone)?;
+    }
+    let requirements =
+        match requirements {
+            Some(src) => Some(kumo_sched::expr::Expr::parse(src).map_err(|e| {
+                ApiError::invalid("requirements", format!("{e}\n{}", e.pointer(src)))
+            })?),
+            None => None,
+        };
+    Ok(kumo_sched::Request {
+        size,
+        cpu_policy,
+        zone: zone.clone(),
+        requirements,
+        ..Default::default()
+    })
 }
 
 /// The state users see, from the desired power state and the host's report.
@@ -262,14 +302,7 @@ impl App {
 
     pub async fn vm_create(&self, req: CreateVm) -> Result<Vm> {
         validate_name("name", &req.name)?;
-        check_range("vcpus", req.vcpus.into(), 1, MAX_VCPUS.into(), "")?;
-        check_range(
-            "memory_mib",
-            req.memory_mib,
-            MIN_MEMORY_MIB,
-            MAX_MEMORY_MIB,
-            " MiB",
-        )?;
+        check_shape(req.vcpus, req.memory_mib)?;
         let mut inv = self.inv.write().await;
         if inv.vms().contains_key(&req.name) {
             return Err(ApiError::already_exists("VM", &req.name).into());
@@ -302,17 +335,22 @@ impl App {
             MAX_DISK_GIB,
             " GiB (the image needs at least its virtual size)",
         )?;
-        if let Some(zone) = &req.zone {
-            inv.check_zone("zone", zone)?;
-        }
         let size = Resources {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
             disk_gib,
         };
-        let host_name = placement::first_fit(&inv, &size, req.zone.as_deref())
-            .map_err(|why| ApiError::new(ErrorCode::NoValidHost, why))?;
-        let host = inv.hosts[&host_name].rec.clone();
+        let cpu_policy = req.cpu_policy.unwrap_or_default();
+        let request = sched_request(&inv, size, cpu_policy, &req.zone, &req.requirements)?;
+        let request = kumo_sched::Request {
+            policy: req.policy.unwrap_or_default(),
+            ..request
+        };
+        let placement = inv
+            .cluster
+            .place(&req.name, &request)
+            .map_err(|refusal| ApiError::new(ErrorCode::NoValidHost, refusal.to_string()))?;
+        let host = inv.hosts[&placement.host].rec.clone();
         let start = req.start.unwrap_or(true);
         let vm = Vm {
             id: Uuid::new_v4(),
@@ -337,11 +375,20 @@ impl App {
             reboots: 0,
             cpu_percent: None,
             message: None,
+            cpu_policy,
+            cores: placement.cores,
+            requirements: req.requirements,
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
         batch.put(key(&vm.name), &vm);
-        let rec = bump_generation(&inv, host.id, &mut batch)?;
+        let rec = match bump_generation(&inv, host.id, &mut batch) {
+            Ok(rec) => rec,
+            Err(e) => {
+                inv.cluster.release(&vm.name);
+                return Err(e);
+            }
+        };
         batch.event(
             "vm.created",
             format!("vm/{}", vm.name),
@@ -351,7 +398,10 @@ impl App {
                 host.name, host.zone, image.name
             ),
         );
-        self.commit(&mut inv, batch).await?;
+        if let Err(e) = self.commit(&mut inv, batch).await {
+            inv.cluster.release(&vm.name);
+            return Err(e);
+        }
         inv.put_vm(vm.clone());
         self.install_host(&mut inv, rec);
         Ok(vm)
@@ -472,6 +522,32 @@ impl App {
         .await
     }
 
+    /// How many more VMs of a shape fit now, and what runs out first.
+    pub async fn capacity(&self, q: &CapacityQuery) -> Result<CapacityReport> {
+        check_shape(q.vcpus, q.memory_mib)?;
+        let disk_gib = q.disk_gib.unwrap_or(1);
+        check_range("disk_gib", disk_gib, 1, MAX_DISK_GIB, " GiB")?;
+        let inv = self.inv.read().await;
+        let size = Resources {
+            vcpus: q.vcpus,
+            memory_mib: q.memory_mib,
+            disk_gib,
+        };
+        let request = sched_request(
+            &inv,
+            size,
+            q.cpu_policy.unwrap_or_default(),
+            &q.zone,
+            &q.requirements,
+        )?;
+        let c = inv.cluster.capacity(&request);
+        Ok(CapacityReport {
+            fits: c.fits,
+            limited_by: c.limited_by.map(|l| l.key().to_string()),
+            hosts: c.hosts,
+        })
+    }
+
     /// What the guest has written to its serial console so far.
     pub async fn vm_console_log(&self, name: &str) -> Result<ConsoleLog> {
         let (vm, address, secret) = self.vm_agent(name).await?;
@@ -531,6 +607,9 @@ mod tests {
             reboots,
             cpu_percent: None,
             message: None,
+            cpu_policy: Default::default(),
+            cores: Vec::new(),
+            requirements: None,
             created_at: 0,
         }
     }

@@ -1,16 +1,16 @@
-use super::AppState;
+use super::{ApiJson, AppState};
 use crate::error::Result;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, Host};
+use kumo_api::{ApiError, Host, UpdateHost};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
     Router::new()
         .route("/v1/hosts", get(list))
-        .route("/v1/hosts/{name}", get(show).delete(delete))
+        .route("/v1/hosts/{name}", get(show).patch(update).delete(delete))
         .route("/v1/hosts/{name}/disable", post(disable))
         .route("/v1/hosts/{name}/enable", post(enable))
 }
@@ -26,6 +26,17 @@ pub async fn list(state: AppState) -> Json<Vec<Host>> {
     responses((status = 200, body = Host), (status = 404, body = ApiError)))]
 pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Host>> {
     Ok(Json(state.host_get(&name).await?))
+}
+
+/// Change a host's overcommit ratios.
+#[utoipa::path(patch, path = "/v1/hosts/{name}", params(("name" = String, Path)), request_body = UpdateHost,
+    responses((status = 200, body = Host), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn update(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UpdateHost>,
+) -> Result<Json<Host>> {
+    Ok(Json(state.host_update(&name, req).await?))
 }
 
 /// Remove a host that has no VMs from the pool.

@@ -2,6 +2,7 @@
 //! [`crate::app`]; authentication is one middleware.
 
 mod agent;
+mod capacity;
 mod events;
 mod hosts;
 mod images;
@@ -51,12 +52,13 @@ fn unauthorized(msg: &str) -> ApiError {
     info(title = "kumo", description = "kumo private IaaS cloud API"),
     paths(
         zones::list, zones::create, zones::show, zones::delete,
-        hosts::list, hosts::show, hosts::delete, hosts::disable, hosts::enable,
+        hosts::list, hosts::show, hosts::update, hosts::delete, hosts::disable, hosts::enable,
         join_tokens::list, join_tokens::create,
         images::list, images::import, images::show, images::delete, images::data,
         vms::list, vms::create, vms::show, vms::delete, vms::start, vms::stop, vms::reboot,
         vms::console_log, vms::console,
         events::list,
+        capacity::show,
         agent::register, agent::heartbeat, agent::desired,
         openapi_json,
     ),
@@ -93,6 +95,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(images::routes())
         .merge(vms::routes())
         .merge(events::routes())
+        .merge(capacity::routes())
         .merge(agent::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
