@@ -410,6 +410,18 @@ impl RealCloud {
         pids
     }
 
+    /// The live QEMU process of a VM.
+    pub async fn vm_qemu_pid(&self, vm: &str) -> Result<i32> {
+        let vm = self.client.vm(vm).await?;
+        let dir = self
+            .dir
+            .path()
+            .join(format!("host-{}", vm.host))
+            .join("vms")
+            .join(vm.id.to_string());
+        kumo_agent::qemu_pid(&dir).with_context(|| format!("no live QEMU for {}", vm.name))
+    }
+
     /// Run a shell command on the guest's serial console and return what it
     /// printed up to `expect`.
     pub async fn console_run(&self, vm: &str, command: &str, expect: &str) -> Result<String> {

@@ -127,3 +127,84 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
         .unwrap();
     assert!(cloud.qemu_pids().is_empty(), "deleted means no QEMU");
 }
+
+/// The cores of a thread, from /proc (`Cpus_allowed_list`, e.g. "0" or "0-1").
+fn allowed_cpus(pid: i32, tid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Threads of a QEMU process by name (`CPU 0/TCG` are the vCPUs).
+fn threads(pid: i32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let tid = e.file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            (tid, comm.trim().to_string())
+        })
+        .collect()
+}
+
+/// A dedicated VM's vCPU threads run on its own cores; a shared VM's
+/// threads keep off them.
+#[tokio::test(flavor = "multi_thread")]
+async fn dedicated_vcpus_are_pinned_and_shared_guests_avoid_them() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(cores >= 2, "needs two cores");
+    let image = tiny_image().unwrap();
+    let mut cloud = RealCloud::start().await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud.host("h1", "z1").await.unwrap();
+    let c = cloud.client.clone();
+    c.image_import("tiny", &image).await.unwrap();
+
+    let ded = c
+        .vm_create(&kumo_api::CreateVm {
+            cpu_policy: Some(kumo_api::CpuPolicy::Dedicated),
+            ..vm_request("ded", "tiny")
+        })
+        .await
+        .unwrap();
+    assert_eq!(ded.cores.len(), 1);
+    let core = ded.cores[0];
+    c.vm_create(&vm_request("shared", "tiny")).await.unwrap();
+    wait_vm(&c, "ded", VmState::Running, BOOT).await.unwrap();
+    wait_vm(&c, "shared", VmState::Running, BOOT).await.unwrap();
+
+    let ded_pid = cloud.vm_qemu_pid("ded").await.unwrap();
+    let shared_pid = cloud.vm_qemu_pid("shared").await.unwrap();
+    let others: Vec<String> = (0..cores as u32)
+        .filter(|c| *c != core)
+        .map(|c| c.to_string())
+        .collect();
+    let expect_shared = if others.len() == 1 {
+        others[0].clone()
+    } else {
+        format!("{}-{}", others[0], others[others.len() - 1])
+    };
+    wait_until(Duration::from_secs(20), "pinned threads", || async {
+        let ded_ok = threads(ded_pid)
+            .iter()
+            .filter(|(_, name)| name.starts_with("CPU "))
+            .all(|(tid, _)| allowed_cpus(ded_pid, tid) == core.to_string());
+        let shared_ok = threads(shared_pid)
+            .iter()
+            .all(|(tid, _)| allowed_cpus(shared_pid, tid) == expect_shared);
+        (ded_ok && shared_ok).then_some(())
+    })
+    .await
+    .unwrap();
+    // Both guests still work.
+    cloud.wait_console("ded", GUEST_READY, BOOT).await.unwrap();
+    cloud
+        .wait_console("shared", GUEST_READY, BOOT)
+        .await
+        .unwrap();
+}
