@@ -201,6 +201,38 @@ pub enum PlacementPolicy {
     LoadAware,
 }
 
+/// Whether a group's VMs share a host or keep apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPolicy {
+    /// On one host together (e.g. chatty app and cache).
+    Affinity,
+    /// On different hosts (e.g. replicas of a database).
+    AntiAffinity,
+}
+
+/// An affinity or anti-affinity group of VMs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Group {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub policy: GroupPolicy,
+    /// A hard rule refuses hosts that would break it; a soft one only
+    /// prefers hosts that keep it.
+    pub hard: bool,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreateGroup {
+    pub name: String,
+    pub policy: GroupPolicy,
+    /// Default true.
+    #[serde(default)]
+    pub hard: Option<bool>,
+}
+
 /// Whether the VM should be running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -272,6 +304,9 @@ pub struct Vm {
     /// The requirement expression the VM was placed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requirements: Option<String>,
+    /// Affinity and anti-affinity groups the VM belongs to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     pub created_at: Millis,
 }
 
@@ -302,6 +337,9 @@ pub struct CreateVm {
     /// `cpu_model == "EPYC" && labels.ssd`.
     #[serde(default)]
     pub requirements: Option<String>,
+    /// Names of the groups the VM joins.
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A VM shape for capacity planning.

@@ -7,7 +7,8 @@ mod output;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kumo_api::{
-    CapacityQuery, CreateJoinToken, CreateVm, CreateZone, EventQuery, UpdateHost, Vm, VmState,
+    CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, EventQuery, UpdateHost, Vm,
+    VmState,
 };
 use kumo_client::Client;
 use output::{age, Format};
@@ -49,6 +50,9 @@ enum Command {
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
+    /// Affinity and anti-affinity groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
     /// How many more VMs of a shape fit now, and what runs out first.
     Capacity {
         #[arg(long)]
@@ -175,6 +179,9 @@ enum VmCmd {
         /// Only hosts where this holds, e.g. 'cpu_model == "EPYC" && labels.ssd'.
         #[arg(long)]
         requires: Option<String>,
+        /// Join an affinity or anti-affinity group (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
@@ -208,6 +215,22 @@ enum VmCmd {
         /// Print what the guest has written so far and exit.
         #[arg(long)]
         log: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    List,
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["affinity", "anti_affinity"])]
+        policy: String,
+        /// Only prefer hosts that keep the rule, never refuse.
+        #[arg(long)]
+        soft: bool,
+    },
+    Delete {
+        name: String,
     },
 }
 
@@ -324,6 +347,21 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Vm(cmd) => vm(&client, out, cmd).await?,
+        Command::Group(cmd) => match cmd {
+            GroupCmd::List => out.groups(&client.groups().await?),
+            GroupCmd::Create { name, policy, soft } => {
+                let req = CreateGroup {
+                    name,
+                    policy: api_enum(policy)?,
+                    hard: Some(!soft),
+                };
+                out.groups(&[client.group_create(&req).await?])
+            }
+            GroupCmd::Delete { name } => {
+                client.group_delete(&name).await?;
+                out.done(&format!("group {name} deleted"));
+            }
+        },
         Command::Capacity {
             vcpus,
             memory,
@@ -380,6 +418,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
             cpu_policy,
             policy,
             requires,
+            groups,
             no_start,
             wait,
         } => {
@@ -394,6 +433,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                 cpu_policy: cpu_policy.map(api_enum).transpose()?,
                 policy: policy.map(api_enum).transpose()?,
                 requirements: requires,
+                groups,
             };
             let target = if no_start {
                 VmState::Stopped

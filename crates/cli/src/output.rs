@@ -1,7 +1,7 @@
 //! Human tables by default, `-o json` everywhere.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kumo_api::{Event, Host, Image, Millis, Vm, Zone};
+use kumo_api::{Event, Group, Host, Image, Millis, Vm, Zone};
 use serde::Serialize;
 use std::io::IsTerminal;
 
@@ -197,6 +197,27 @@ impl Format {
                         v.cpu_percent.map_or("-".into(), |c| format!("{c:.0}")),
                         age(v.created_at),
                         v.message.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
+    pub fn groups(self, groups: &[Group]) {
+        if let Format::Json = self {
+            return json(groups);
+        }
+        table(
+            &["NAME", "POLICY", "RULE", "AGE"],
+            groups
+                .iter()
+                .map(|g| {
+                    let policy = serde_json::to_value(g.policy).expect("serializes");
+                    vec![
+                        g.name.clone(),
+                        policy.as_str().unwrap_or("?").to_string(),
+                        if g.hard { "hard" } else { "soft" }.to_string(),
+                        age(g.created_at),
                     ]
                 })
                 .collect(),

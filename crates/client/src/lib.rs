@@ -132,6 +132,18 @@ impl Client {
         self.delete(&format!("/v1/zones/{}", segment(name))).await
     }
 
+    pub async fn groups(&self) -> Result<Vec<Group>> {
+        self.get("/v1/groups").await
+    }
+
+    pub async fn group_create(&self, req: &CreateGroup) -> Result<Group> {
+        self.post("/v1/groups", req).await
+    }
+
+    pub async fn group_delete(&self, name: &str) -> Result<()> {
+        self.delete(&format!("/v1/groups/{}", segment(name))).await
+    }
+
     pub async fn hosts(&self) -> Result<Vec<Host>> {
         self.get("/v1/hosts").await
     }

@@ -480,3 +480,61 @@ async fn scheduler_constraints_through_the_api() {
         .unwrap();
     assert_eq!(spread.host, "h1", "h2 holds more");
 }
+
+/// Hard anti-affinity keeps a group's VMs on different hosts and refuses a
+/// VM that cannot be kept apart; affinity keeps VMs together.
+#[tokio::test]
+async fn groups_keep_vms_apart_or_together() {
+    use kumo_api::{CreateGroup, GroupPolicy};
+    let mut cloud = cloud_with_image().await;
+    cloud.host("h2", "z1").await.unwrap();
+    let c = cloud.client.clone();
+    let group = |name: &str, policy| CreateGroup {
+        name: name.into(),
+        policy,
+        hard: None,
+    };
+    c.group_create(&group("db", GroupPolicy::AntiAffinity))
+        .await
+        .unwrap();
+    c.group_create(&group("app", GroupPolicy::Affinity))
+        .await
+        .unwrap();
+    let member = |name: &str, g: &str| CreateVm {
+        groups: vec![g.into()],
+        ..vm_request(name, "tiny")
+    };
+
+    let a = c.vm_create(&member("db1", "db")).await.unwrap();
+    let b = c.vm_create(&member("db2", "db")).await.unwrap();
+    assert_ne!(a.host, b.host);
+    let err = c.vm_create(&member("db3", "db")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoValidHost));
+    assert!(
+        err.to_string()
+            .contains("2 holding a VM of a hard anti-affinity group"),
+        "{err}"
+    );
+
+    let first = c.vm_create(&member("app1", "app")).await.unwrap();
+    let spread = CreateVm {
+        policy: Some(kumo_api::PlacementPolicy::Spread),
+        ..member("app2", "app")
+    };
+    assert_eq!(c.vm_create(&spread).await.unwrap().host, first.host);
+
+    let err = c.vm_create(&member("x", "nope")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::InvalidInput));
+    assert!(err.to_string().contains("groups"), "{err}");
+    let err = c.group_delete("db").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict));
+    // Deleting a member frees its place for a new one.
+    c.vm_delete("db1").await.unwrap();
+    wait_until(T, "db1 gone", || async { c.vm("db1").await.err() })
+        .await
+        .unwrap();
+    assert_eq!(
+        c.vm_create(&member("db3", "db")).await.unwrap().host,
+        a.host
+    );
+}

@@ -8,6 +8,7 @@
 //! host and VM it had committed.
 
 pub mod events;
+pub mod groups;
 pub mod hosts;
 pub mod images;
 pub mod join_tokens;
@@ -16,7 +17,7 @@ pub mod zones;
 
 use crate::error::Result;
 use crate::Config;
-use kumo_api::{Event, Image, Millis, Resources, Vm, Zone};
+use kumo_api::{Event, Group, Image, Millis, Resources, Vm, Zone};
 use kumo_store::{Op, SqliteStore, Store};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -35,6 +36,7 @@ pub struct Inventory {
     pub zones: BTreeMap<String, Zone>,
     pub hosts: BTreeMap<String, HostEntry>,
     pub images: BTreeMap<String, Image>,
+    pub groups: BTreeMap<String, Group>,
     /// Changed only through [`Inventory::put_vm`] and
     /// [`Inventory::remove_vm`], which keep the indexes below in step.
     vms: BTreeMap<String, Vm>,
@@ -68,10 +70,13 @@ impl Inventory {
 
     pub fn put_vm(&mut self, vm: Vm) {
         self.remove_vm(&vm.name);
-        if let Err(e) = self
-            .cluster
-            .add(&vm.name, &vm.host, vm.size, vm.cores.clone(), Vec::new())
-        {
+        if let Err(e) = self.cluster.add(
+            &vm.name,
+            &vm.host,
+            vm.size,
+            vm.cores.clone(),
+            vm.groups.clone(),
+        ) {
             tracing::error!(vm = %vm.name, error = %e, "VM does not fit the scheduler's view of its host");
         }
         let placed = self.placed.entry(vm.host_id).or_default();
@@ -344,6 +349,10 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
     for kv in store.range(images::PREFIX).await? {
         let i: Image = decode(&kv)?;
         inv.images.insert(i.name.clone(), i);
+    }
+    for kv in store.range(groups::PREFIX).await? {
+        let g: Group = decode(&kv)?;
+        inv.groups.insert(g.name.clone(), g);
     }
     for kv in store.range(vms::PREFIX).await? {
         inv.put_vm(Vm {

@@ -344,6 +344,7 @@ impl App {
         let request = sched_request(&inv, size, cpu_policy, &req.zone, &req.requirements)?;
         let request = kumo_sched::Request {
             policy: req.policy.unwrap_or_default(),
+            groups: inv.group_rules(&req.groups)?,
             ..request
         };
         let placement = inv
@@ -378,6 +379,7 @@ impl App {
             cpu_policy,
             cores: placement.cores,
             requirements: req.requirements,
+            groups: req.groups,
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
@@ -610,6 +612,7 @@ mod tests {
             cpu_policy: Default::default(),
             cores: Vec::new(),
             requirements: None,
+            groups: Vec::new(),
             created_at: 0,
         }
     }

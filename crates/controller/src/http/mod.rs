@@ -4,6 +4,7 @@
 mod agent;
 mod capacity;
 mod events;
+mod groups;
 mod hosts;
 mod images;
 mod join_tokens;
@@ -58,6 +59,7 @@ fn unauthorized(msg: &str) -> ApiError {
         vms::list, vms::create, vms::show, vms::delete, vms::start, vms::stop, vms::reboot,
         vms::console_log, vms::console,
         events::list,
+        groups::list, groups::create, groups::show, groups::delete,
         capacity::show,
         agent::register, agent::heartbeat, agent::desired,
         openapi_json,
@@ -95,6 +97,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(images::routes())
         .merge(vms::routes())
         .merge(events::routes())
+        .merge(groups::routes())
         .merge(capacity::routes())
         .merge(agent::routes())
         .fallback(no_route)
