@@ -6,6 +6,11 @@
 //! * `boot`: real QEMU guests (TCG) created through the API: how long from
 //!   `POST /v1/vms` to a running QEMU and to its first serial output, against
 //!   launching the same QEMU command line directly.
+//! * `sched`: the scheduler alone: placements per second and decision
+//!   latency, and packing quality on a churn stream against first-fit and
+//!   best-fit.
+
+mod sched;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -41,6 +46,17 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         vms: usize,
     },
+    /// Placement throughput and latency, and packing quality.
+    Sched {
+        /// Cluster sizes to time placement on.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        hosts: Vec<usize>,
+        #[arg(long, default_value_t = 20_000)]
+        placements: usize,
+        /// Arrivals and departures in the churn stream.
+        #[arg(long, default_value_t = 60_000)]
+        events: usize,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +68,19 @@ async fn main() -> Result<()> {
             heartbeat_ms,
         } => api_list(vms, requests, Duration::from_millis(heartbeat_ms)).await,
         Bench::Boot { vms } => boot(vms).await,
+        Bench::Sched {
+            hosts,
+            placements,
+            events,
+        } => {
+            println!("placement, one core:");
+            for n in hosts {
+                sched::throughput(n, placements);
+            }
+            println!("packing on a churn stream of {events} events:");
+            sched::packing(events);
+            Ok(())
+        }
     }
 }
 
