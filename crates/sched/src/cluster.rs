@@ -11,7 +11,7 @@
 use crate::expr::{Context, Expr, Value};
 use kumo_api::Resources;
 pub use kumo_api::{CpuPolicy, PlacementPolicy as Policy};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A host as the scheduler knows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -169,6 +169,8 @@ struct HostState {
     shared_vcpus: u64,
     memory_mib: u64,
     disk_gib: u64,
+    /// Its key in `Cluster::by_free_memory`.
+    indexed_free_memory: Option<u64>,
     /// `true` for a core dedicated to a VM.
     dedicated: Vec<bool>,
     dedicated_count: u32,
@@ -184,6 +186,7 @@ impl HostState {
             shared_vcpus: 0,
             memory_mib: 0,
             disk_gib: 0,
+            indexed_free_memory: None,
             dedicated: vec![false; cores],
             dedicated_count: 0,
             groups: HashMap::new(),
@@ -272,24 +275,6 @@ impl HostState {
         None
     }
 
-    /// How full the host would be with `req` on it, 0 (empty) to 2 (CPU
-    /// and memory both full).
-    fn fullness_with(&self, req: &Request) -> f64 {
-        let cpu_limit = self.shared_limit(0).max(1) as f64;
-        let cpu_used = match req.cpu_policy {
-            CpuPolicy::Shared => self.shared_vcpus + u64::from(req.size.vcpus),
-            CpuPolicy::Dedicated => self.shared_vcpus,
-        } as f64
-            + f64::from(
-                self.dedicated_count
-                    + u32::from(req.cpu_policy == CpuPolicy::Dedicated) * req.size.vcpus,
-            ) * self.info.cpu_overcommit;
-        let mem_limit =
-            (self.info.capacity.memory_mib as f64 * self.info.memory_overcommit).max(1.0);
-        let mem_used = (self.memory_mib + req.size.memory_mib) as f64;
-        (cpu_used / cpu_limit).min(1.0) + (mem_used / mem_limit).min(1.0)
-    }
-
     /// Soft group rules the host would break: fewer is better.
     fn soft_violations(&self, req: &Request, group_totals: &HashMap<String, u32>) -> u32 {
         req.groups
@@ -316,6 +301,9 @@ pub struct Cluster {
     by_name: HashMap<String, usize>,
     vms: HashMap<String, VmEntry>,
     group_totals: HashMap<String, u32>,
+    /// Hosts by free memory (the key each host was last indexed under), so
+    /// pack and spread look only at hosts with room instead of at all.
+    by_free_memory: BTreeSet<(u64, usize)>,
 }
 
 impl Cluster {
@@ -325,6 +313,7 @@ impl Cluster {
 
     /// Add a host, or update what is known of it (its VMs stay).
     pub fn upsert_host(&mut self, info: HostInfo) {
+        let name = info.name.clone();
         match self.by_name.get(&info.name) {
             Some(&i) => {
                 let h = self.hosts[i].as_mut().expect("indexed hosts exist");
@@ -339,6 +328,21 @@ impl Cluster {
                 self.hosts.push(Some(HostState::new(info)));
             }
         }
+        self.reindex(self.by_name[&name]);
+    }
+
+    /// Put host `i` under its current free memory in the index (or take it
+    /// out, once removed).
+    fn reindex(&mut self, i: usize) {
+        let Some(h) = self.hosts[i].as_mut() else {
+            return;
+        };
+        if let Some(old) = h.indexed_free_memory.take() {
+            self.by_free_memory.remove(&(old, i));
+        }
+        let free = h.memory_room();
+        h.indexed_free_memory = Some(free);
+        self.by_free_memory.insert((free, i));
     }
 
     /// Remove a host that holds no VMs.
@@ -348,6 +352,9 @@ impl Cluster {
         };
         if self.vms.values().any(|v| v.host == i) {
             return Err(format!("host {name} still holds VMs"));
+        }
+        if let Some(free) = self.hosts[i].as_ref().and_then(|h| h.indexed_free_memory) {
+            self.by_free_memory.remove(&(free, i));
         }
         self.hosts[i] = None;
         self.by_name.remove(name);
@@ -372,7 +379,37 @@ impl Cluster {
     }
 
     /// Choose a host for `vm` and reserve what it needs there.
+    ///
+    /// Pack takes the host with the least free memory that passes every
+    /// constraint (best fit), spread the one with the most, both found
+    /// through the free-memory index without looking at hosts too full for
+    /// the VM. Load-aware placement and soft group rules weigh every host.
     pub fn place(&mut self, vm: &str, req: &Request) -> Result<Placement, Refusal> {
+        let i = match self.indexed_choice(req) {
+            Some(i) => i,
+            None => self.scan(req)?,
+        };
+        Ok(self.reserve(vm, i, req))
+    }
+
+    fn indexed_choice(&self, req: &Request) -> Option<usize> {
+        if req.policy == Policy::LoadAware || req.groups.iter().any(|g| !g.hard) {
+            return None;
+        }
+        let fits = |&&(_, i): &&(u64, usize)| {
+            let h = self.hosts[i].as_ref().expect("indexed hosts exist");
+            h.check(req, &self.group_totals).is_none()
+        };
+        let mut room = self.by_free_memory.range((req.size.memory_mib, 0)..);
+        match req.policy {
+            Policy::Spread => room.rev().find(fits),
+            _ => room.find(fits),
+        }
+        .map(|(_, i)| *i)
+    }
+
+    /// Weigh every host: the best by policy and soft rules, or why none.
+    fn scan(&self, req: &Request) -> Result<usize, Refusal> {
         let mut excluded = [0usize; Constraint::ALL.len()];
         let mut near: Option<(usize, Constraint)> = None;
         let mut best: Option<(usize, (u32, f64))> = None;
@@ -386,11 +423,11 @@ impl Cluster {
                 continue;
             }
             let soft = h.soft_violations(req, &self.group_totals);
-            let fullness = h.fullness_with(req);
+            let free = h.memory_room() as f64;
             let score = match req.policy {
-                Policy::Pack => -fullness,
-                Policy::Spread => fullness,
-                Policy::LoadAware => h.info.load * 10.0 + fullness,
+                Policy::Pack => free,
+                Policy::Spread => -free,
+                Policy::LoadAware => (h.info.load * 1e12).round() - free,
             };
             if best.is_none_or(|(_, (s, sc))| (soft, score) < (s, sc)) {
                 best = Some((i, (soft, score)));
@@ -413,7 +450,12 @@ impl Cluster {
                 }),
             });
         };
-        let h = self.hosts[i].as_mut().expect("scanned");
+        Ok(i)
+    }
+
+    /// Reserve what `req` needs on host `i` for `vm`.
+    fn reserve(&mut self, vm: &str, i: usize, req: &Request) -> Placement {
+        let h = self.hosts[i].as_mut().expect("chosen hosts exist");
         let cores: Vec<u32> = match req.cpu_policy {
             CpuPolicy::Shared => Vec::new(),
             CpuPolicy::Dedicated => (0..h.dedicated.len() as u32)
@@ -424,7 +466,7 @@ impl Cluster {
         let host = h.info.name.clone();
         let groups = req.groups.iter().map(|g| g.name.clone()).collect();
         self.add_at(vm, i, req.size, cores.clone(), groups);
-        Ok(Placement { host, cores })
+        Placement { host, cores }
     }
 
     /// Record a VM placed earlier (on start-up), with its dedicated cores.
@@ -484,6 +526,7 @@ impl Cluster {
                 groups,
             },
         );
+        self.reindex(i);
     }
 
     /// How many more VMs of the request's shape fit now (groups aside), and
@@ -574,6 +617,7 @@ impl Cluster {
             decrement(&mut h.groups, g);
             decrement(&mut self.group_totals, g);
         }
+        self.reindex(e.host);
     }
 }
 
@@ -968,6 +1012,12 @@ mod tests {
                 match op {
                     Op::Place(r) => {
                         let vm = format!("vm{n}");
+                        // The index finds the host a full scan would (ties aside).
+                        if let Some(i) = c.indexed_choice(&r) {
+                            let best = c.scan(&r).expect("the index found a host");
+                            let free = |i: usize| c.hosts[i].as_ref().unwrap().memory_room();
+                            prop_assert_eq!(free(i), free(best));
+                        }
                         match c.place(&vm, &r) {
                             Ok(p) => {
                                 let info = hosts.iter().find(|h| h.name == p.host).unwrap();

@@ -51,8 +51,9 @@ enum Bench {
         /// Cluster sizes to time placement on.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         hosts: Vec<usize>,
-        #[arg(long, default_value_t = 20_000)]
-        placements: usize,
+        /// Fill the cluster's memory to this share while timing.
+        #[arg(long, default_value_t = 0.9)]
+        fill: f64,
         /// Arrivals and departures in the churn stream.
         #[arg(long, default_value_t = 60_000)]
         events: usize,
@@ -70,12 +71,15 @@ async fn main() -> Result<()> {
         Bench::Boot { vms } => boot(vms).await,
         Bench::Sched {
             hosts,
-            placements,
+            fill,
             events,
         } => {
-            println!("placement, one core:");
+            println!(
+                "placement, one core, filling {:.0}% of the memory:",
+                fill * 100.0
+            );
             for n in hosts {
-                sched::throughput(n, placements);
+                sched::throughput(n, fill);
             }
             println!("packing on a churn stream of {events} events:");
             sched::packing(events);

@@ -40,7 +40,9 @@ fn shape(rng: &mut StdRng) -> Resources {
     }
 }
 
-pub fn throughput(hosts: usize, placements: usize) {
+/// Place VMs one by one until `fill` of the cluster's memory is taken,
+/// timing every decision.
+pub fn throughput(hosts: usize, fill: f64) {
     let mut rng = StdRng::seed_from_u64(7);
     let mut cluster = Cluster::default();
     let capacity = Resources {
@@ -51,13 +53,19 @@ pub fn throughput(hosts: usize, placements: usize) {
     for i in 0..hosts {
         cluster.upsert_host(host(i, capacity, 4.0));
     }
-    let mut times = Vec::with_capacity(placements);
+    let target = (capacity.memory_mib as f64 * hosts as f64 * fill) as u64;
+    let mut used = 0u64;
+    let mut times = Vec::new();
     let start = Instant::now();
-    for n in 0..placements {
+    for n in 0.. {
+        if used >= target {
+            break;
+        }
         let req = Request {
             size: shape(&mut rng),
             ..Request::default()
         };
+        used += req.size.memory_mib;
         let t = Instant::now();
         let placed = cluster.place(&format!("vm{n}"), &req).is_ok();
         times.push(t.elapsed());
