@@ -22,6 +22,19 @@ struct Identity {
     agent_secret: String,
 }
 
+/// One HTTP client (and connection pool) for every agent of the process:
+/// thousands of simulated hosts share a few connections.
+fn shared_http() -> &'static reqwest::Client {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    HTTP.get_or_init(|| {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("an HTTP client")
+    })
+}
+
 pub struct Controller {
     url: String,
     http: reqwest::Client,
@@ -38,8 +51,8 @@ enum CallError {
     Api(ApiError),
     #[error("controller unreachable")]
     Http(#[from] reqwest::Error),
-    #[error("saving the identity: {0}")]
-    Identity(String),
+    #[error("{0}")]
+    Local(String),
 }
 
 impl Controller {
@@ -63,10 +76,7 @@ impl Controller {
         tracing::info!(capacity = %crate::capacity_of(&capacity), driver = %hypervisor.driver, accel = %hypervisor.accel, "host found");
         let c = Controller {
             url: config.controller.trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            http: shared_http().clone(),
             identity: std::sync::Mutex::new(known.clone().unwrap_or(Identity {
                 host_id: Uuid::nil(),
                 host_token: String::new(),
@@ -142,7 +152,7 @@ impl Controller {
         };
         let bytes = serde_json::to_vec_pretty(&identity).expect("identity serializes");
         ledger::write_atomic(data_dir, IDENTITY, &bytes)
-            .map_err(|e| CallError::Identity(format!("{e:#}")))?;
+            .map_err(|e| CallError::Local(format!("saving the identity: {e:#}")))?;
         *self.identity.lock().expect("lock") = identity;
         tracing::info!(host_id = %r.host_id, "joined the pool");
         Ok(())
@@ -180,11 +190,15 @@ pub async fn heartbeats(shared: Arc<Shared>) {
     let mut meter = metrics::LoadMeter::default();
     let mut tick = tokio::time::interval(shared.config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without a long poll, the heartbeat answer tells of new states; the
+    // first round catches up after a restart.
+    let mut first = !shared.config.long_poll;
     loop {
         tick.tick().await;
+        let applied = shared.applied.lock().await.generation;
         let hb = Heartbeat {
             load: meter.sample(),
-            applied_generation: shared.applied.lock().await.generation,
+            applied_generation: applied,
             vms: vm::statuses(&shared).await,
         };
         let c = &shared.controller;
@@ -192,41 +206,57 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             .http
             .post(format!("{}/v1/agent/heartbeat", c.url))
             .json(&hb);
-        if let Err(e) = c.call::<HeartbeatResponse>(req).await {
-            tracing::warn!(error = %e, "heartbeat");
+        match c.call::<HeartbeatResponse>(req).await {
+            Ok(answer) if !shared.config.long_poll && (first || answer.generation != applied) => {
+                match sync_desired(&shared, None, first).await {
+                    Ok(()) => first = false,
+                    Err(e) => tracing::warn!(error = %e, "fetching the desired state"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "heartbeat"),
         }
     }
 }
 
+/// Follow the desired state with a long poll, so changes arrive at once.
 pub async fn follow_desired(shared: Arc<Shared>) {
+    // The first fetch does not wait: it catches up after a restart.
     let mut first = true;
     loop {
-        let after = shared.applied.lock().await.generation;
-        let c = &shared.controller;
-        // The first fetch does not wait: it catches up after a restart.
-        let query = if first {
-            String::new()
-        } else {
-            format!("?after={after}&wait_seconds=25")
-        };
-        let req = c.http.get(format!("{}/v1/agent/desired{query}", c.url));
-        match c.call::<DesiredState>(req).await {
-            // Any other generation is news: a newer one, or the state of a
-            // host that was removed and joined anew under this name.
-            Ok(desired) if first || desired.generation != after => {
-                first = false;
-                if let Err(e) = ledger::store(&shared.config.data_dir, &desired) {
-                    tracing::error!(error = %e, "persisting the desired state; not applying it");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                vm::apply(&shared, desired).await;
-            }
-            Ok(_) => {}
+        let wait = (!first).then_some(25);
+        match sync_desired(&shared, wait, first).await {
+            Ok(()) => first = false,
             Err(e) => {
                 tracing::warn!(error = %e, "fetching the desired state");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
+}
+
+/// Fetch the desired state (with `wait`, a long poll of that many seconds
+/// for a generation other than the applied one) and, when it is news or
+/// `force`, persist it in the ledger and apply it.
+async fn sync_desired(
+    shared: &Arc<Shared>,
+    wait: Option<u64>,
+    force: bool,
+) -> Result<(), CallError> {
+    let after = shared.applied.lock().await.generation;
+    let c = &shared.controller;
+    let query = wait.map_or(String::new(), |w| {
+        format!("?after={after}&wait_seconds={w}")
+    });
+    let desired: DesiredState = c
+        .call(c.http.get(format!("{}/v1/agent/desired{query}", c.url)))
+        .await?;
+    // Any other generation is news: a newer one, or the state of a host
+    // that was removed and joined anew under this name.
+    if force || desired.generation != after {
+        ledger::store(&shared.config.data_dir, &desired)
+            .map_err(|e| CallError::Local(format!("persisting the desired state: {e:#}")))?;
+        vm::apply(shared, desired).await;
+    }
+    Ok(())
 }

@@ -34,8 +34,9 @@ pub struct Config {
     pub zone: String,
     /// Holds the identity, the ledger, the image cache and one directory per VM.
     pub data_dir: PathBuf,
-    /// Where the agent's own endpoint (console) listens.
-    pub listen: SocketAddr,
+    /// Where the agent's own endpoint (console) listens; none for simulated
+    /// hosts run by the thousand.
+    pub listen: Option<SocketAddr>,
     /// The address the controller should use to reach `listen` (defaults to it).
     pub advertise: Option<String>,
     pub driver: DriverKind,
@@ -46,6 +47,10 @@ pub struct Config {
     /// Attributes for requirement expressions (`labels.ssd`).
     pub labels: std::collections::BTreeMap<String, String>,
     pub heartbeat: Duration,
+    /// Learn of new desired states at once through a long poll (one open
+    /// connection per host), or only from heartbeat answers (for thousands
+    /// of simulated hosts in one process).
+    pub long_poll: bool,
     /// How long an ACPI shutdown may take before the guest is stopped hard.
     pub stop_timeout: Duration,
 }
@@ -72,7 +77,8 @@ pub(crate) struct Shared {
 /// A running agent; dropping it stops its tasks (guests keep running).
 pub struct Agent {
     pub host_id: Uuid,
-    pub addr: SocketAddr,
+    /// Where the agent's own endpoint listens, if it has one.
+    pub addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -91,14 +97,20 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let driver = driver::Driver::probe(config.driver, config.accel, &config.data_dir).await?;
     let capacity = metrics::capacity(&config.data_dir, config.capacity)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let address = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let listener = match config.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        ),
+        None => None,
+    };
+    let addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let address = match (&config.advertise, addr) {
+        (Some(a), _) => a.clone(),
+        (None, Some(addr)) => format!("http://{addr}"),
+        (None, None) => "none".to_string(),
+    };
     let (controller, agent_secret) =
         controller::Controller::connect(&config, &address, capacity, driver.info()).await?;
     let host_id = controller.host_id();
@@ -116,12 +128,14 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
     if let Some(desired) = ledger {
         vm::apply(&shared, desired).await;
     }
-    let tasks = vec![
-        tokio::spawn(http::serve(shared.clone(), listener)),
-        tokio::spawn(controller::follow_desired(shared.clone())),
-        tokio::spawn(controller::heartbeats(shared.clone())),
-    ];
-    tracing::info!(%host_id, %addr, "agent running");
+    let mut tasks = vec![tokio::spawn(controller::heartbeats(shared.clone()))];
+    if shared.config.long_poll {
+        tasks.push(tokio::spawn(controller::follow_desired(shared.clone())));
+    }
+    if let Some(listener) = listener {
+        tasks.push(tokio::spawn(http::serve(shared.clone(), listener)));
+    }
+    tracing::info!(%host_id, %address, "agent running");
     Ok(Agent {
         host_id,
         addr,

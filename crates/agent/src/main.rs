@@ -30,6 +30,11 @@ struct Args {
     advertise: Option<String>,
     #[arg(long, value_enum, default_value = "qemu")]
     driver: DriverKind,
+    /// With `--driver sim`: run this many simulated hosts in this process,
+    /// named NAME-1 ... NAME-N, each with its own identity and heartbeats
+    /// (no console endpoint; new states arrive with heartbeat answers).
+    #[arg(long)]
+    sim_hosts: Option<u32>,
     #[arg(long, value_enum, default_value = "auto")]
     accel: Accel,
     /// Report this many CPUs instead of the measured count.
@@ -81,13 +86,13 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
-    let config = Config {
+    let base = Config {
         controller: a.controller,
         join_token: a.join_token,
         name: a.name,
         zone: a.zone,
         data_dir: a.data_dir,
-        listen: a.listen,
+        listen: Some(a.listen),
         advertise: a.advertise,
         driver: a.driver,
         accel: a.accel,
@@ -99,8 +104,30 @@ async fn main() -> anyhow::Result<()> {
         labels: a.labels.into_iter().collect(),
         heartbeat: seconds("heartbeat", a.heartbeat)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
+        long_poll: true,
     };
-    let _agent = kumo_agent::start(config).await?;
+    let mut agents = Vec::new();
+    match a.sim_hosts {
+        None => agents.push(kumo_agent::start(base).await?),
+        Some(n) => {
+            if base.driver != DriverKind::Sim || n == 0 || n > 100_000 {
+                anyhow::bail!("--sim-hosts: {n} needs --driver sim and 1 to 100000 hosts");
+            }
+            for i in 1..=n {
+                let name = format!("{}-{i}", base.name);
+                let config = Config {
+                    data_dir: base.data_dir.join(&name),
+                    name,
+                    listen: None,
+                    advertise: None,
+                    long_poll: false,
+                    ..base.clone()
+                };
+                agents.push(kumo_agent::start(config).await?);
+            }
+            println!("{n} simulated hosts running");
+        }
+    }
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

@@ -148,7 +148,7 @@ impl SimCloud {
             name: name.into(),
             zone: zone.into(),
             data_dir: self.dir.path().join(format!("host-{name}")),
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             advertise: None,
             driver: kumo_agent::DriverKind::Sim,
             accel: kumo_agent::Accel::Tcg,
@@ -160,6 +160,7 @@ impl SimCloud {
             labels: Default::default(),
             heartbeat: Duration::from_millis(100),
             stop_timeout: Duration::from_secs(5),
+            long_poll: true,
         }
     }
 
@@ -172,6 +173,41 @@ impl SimCloud {
         let name = config.name.clone();
         self.agents.push(kumo_agent::start(config).await?);
         wait_host_ready(&self.client, &name).await
+    }
+
+    /// Join `n` simulated hosts named `PREFIX-1` ... as `kumo-agent
+    /// --sim-hosts` runs them (no console endpoint, new states learnt from
+    /// heartbeat answers), and wait until all are ready.
+    pub async fn sim_hosts(
+        &mut self,
+        prefix: &str,
+        zone: &str,
+        n: usize,
+        heartbeat: Duration,
+    ) -> Result<()> {
+        for i in 1..=n {
+            let config = kumo_agent::Config {
+                listen: None,
+                long_poll: false,
+                heartbeat,
+                ..self.agent_config(&format!("{prefix}-{i}"), zone)
+            };
+            self.agents.push(kumo_agent::start(config).await?);
+        }
+        let client = self.client.clone();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{n} hosts ready"),
+            || async {
+                let hosts = client.hosts().await.ok()?;
+                let ready = hosts
+                    .iter()
+                    .filter(|h| h.state == kumo_api::HostState::Ready)
+                    .count();
+                (ready >= n).then_some(())
+            },
+        )
+        .await
     }
 
     /// Stop a host's agent (its heartbeats stop).

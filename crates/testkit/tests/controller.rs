@@ -538,3 +538,54 @@ async fn groups_keep_vms_apart_or_together() {
         a.host
     );
 }
+
+/// A thousand simulated hosts join and take ten thousand VMs through the
+/// API; every VM runs on exactly one host and no host is over capacity.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_hosts_take_ten_thousand_vms() {
+    let mut cloud = SimCloud::start(Duration::from_secs(30)).await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud
+        .sim_hosts("h", "z1", 1000, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let img = blank_image(cloud.dir.path());
+    cloud.client.image_import("tiny", &img).await.unwrap();
+    let mut creators = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let c = cloud.client.clone();
+        creators.spawn(async move {
+            for i in (worker..10_000).step_by(16) {
+                c.vm_create(&vm_request(&format!("vm-{i}"), "tiny"))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = creators.join_next().await {
+        done.unwrap();
+    }
+    let c = cloud.client.clone();
+    wait_until(Duration::from_secs(120), "10,000 VMs running", || async {
+        let vms = c.vms().await.ok()?;
+        (vms.len() == 10_000 && vms.iter().all(|v| v.state == VmState::Running)).then_some(())
+    })
+    .await
+    .unwrap();
+    let hosts = c.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1000);
+    let placed: u32 = hosts.iter().map(|h| h.vm_count).sum();
+    assert_eq!(placed, 10_000);
+    for h in &hosts {
+        assert!(
+            f64::from(h.allocated.vcpus) <= f64::from(h.capacity.vcpus) * h.cpu_overcommit,
+            "{}",
+            h.name
+        );
+        assert!(
+            h.allocated.memory_mib <= h.capacity.memory_mib,
+            "{}",
+            h.name
+        );
+    }
+}
