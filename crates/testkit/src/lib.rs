@@ -184,19 +184,22 @@ impl SimCloud {
         zone: &str,
         n: usize,
         heartbeat: Duration,
+        capacity: Option<kumo_agent::CapacityOverride>,
     ) -> Result<()> {
         for i in 1..=n {
+            let base = self.agent_config(&format!("{prefix}-{i}"), zone);
             let config = kumo_agent::Config {
                 listen: None,
                 long_poll: false,
                 heartbeat,
-                ..self.agent_config(&format!("{prefix}-{i}"), zone)
+                capacity: capacity.unwrap_or(base.capacity),
+                ..base
             };
             self.agents.push(kumo_agent::start(config).await?);
         }
         let client = self.client.clone();
         wait_until(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             &format!("{n} hosts ready"),
             || async {
                 let hosts = client.hosts().await.ok()?;

@@ -546,7 +546,7 @@ async fn a_thousand_hosts_take_ten_thousand_vms() {
     let mut cloud = SimCloud::start(Duration::from_secs(30)).await.unwrap();
     cloud.zone("z1").await.unwrap();
     cloud
-        .sim_hosts("h", "z1", 1000, Duration::from_secs(1))
+        .sim_hosts("h", "z1", 1000, Duration::from_secs(1), None)
         .await
         .unwrap();
     let img = blank_image(cloud.dir.path());

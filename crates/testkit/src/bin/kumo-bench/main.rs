@@ -32,11 +32,14 @@ struct Args {
 enum Bench {
     /// GET /v1/vms latency with many simulated VMs.
     ApiList {
+        /// Simulated hosts, all in this process.
+        #[arg(long, default_value_t = 10)]
+        hosts: usize,
         #[arg(long, default_value_t = 10_000)]
         vms: usize,
         #[arg(long, default_value_t = 200)]
         requests: usize,
-        /// Heartbeat interval of each of the 10 simulated hosts.
+        /// Heartbeat interval of each simulated host.
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
     },
@@ -55,7 +58,7 @@ enum Bench {
         #[arg(long, default_value_t = 0.9)]
         fill: f64,
         /// Arrivals and departures in the churn stream.
-        #[arg(long, default_value_t = 60_000)]
+        #[arg(long, default_value_t = 100_000)]
         events: usize,
     },
 }
@@ -64,10 +67,11 @@ enum Bench {
 async fn main() -> Result<()> {
     match Args::parse().bench {
         Bench::ApiList {
+            hosts,
             vms,
             requests,
             heartbeat_ms,
-        } => api_list(vms, requests, Duration::from_millis(heartbeat_ms)).await,
+        } => api_list(hosts, vms, requests, Duration::from_millis(heartbeat_ms)).await,
         Bench::Boot { vms } => boot(vms).await,
         Bench::Sched {
             hosts,
@@ -88,23 +92,27 @@ async fn main() -> Result<()> {
     }
 }
 
-const SIM_HOSTS: usize = 10;
 /// Parallel `POST /v1/vms` calls while filling the cloud.
 const CREATORS: usize = 16;
 
-async fn api_list(vms: usize, requests: usize, heartbeat: Duration) -> Result<()> {
-    let mut cloud = SimCloud::start(Duration::from_secs(30)).await?;
+async fn api_list(hosts: usize, vms: usize, requests: usize, heartbeat: Duration) -> Result<()> {
+    let mut cloud = SimCloud::start(heartbeat * 30).await?;
     cloud.zone("z1").await?;
     // Room for every 1 vCPU / 256 MiB / 1 GiB VM, with 10% to spare.
-    let per_host = (vms.div_ceil(SIM_HOSTS) as u64 * 11 / 10).max(1);
-    for i in 0..SIM_HOSTS {
-        let mut config = cloud.agent_config(&format!("h{i}"), "z1");
-        config.capacity.vcpus = Some(u32::try_from(per_host)?);
-        config.capacity.memory_mib = Some(per_host * 256);
-        config.capacity.disk_gib = Some(per_host);
-        config.heartbeat = heartbeat;
-        cloud.host_with(config).await?;
-    }
+    let per_host = (vms.div_ceil(hosts) as u64 * 11 / 10).max(1);
+    let capacity = kumo_agent::CapacityOverride {
+        vcpus: Some(u32::try_from(per_host)?),
+        memory_mib: Some(per_host * 256),
+        disk_gib: Some(per_host),
+    };
+    let start = Instant::now();
+    cloud
+        .sim_hosts("h", "z1", hosts, heartbeat, Some(capacity))
+        .await?;
+    println!(
+        "{hosts} hosts joined in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     let c = cloud.client.clone();
     c.image_import("blank", &blank_image(cloud.dir.path()))
         .await?;

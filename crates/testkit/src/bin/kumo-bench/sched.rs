@@ -145,9 +145,10 @@ fn churn(events: usize, seed: u64) -> Vec<Event> {
             out.push(Event::Leave(id));
         }
         let size = shape(&mut rng);
-        // Pareto, shape 1.5, scale 200 steps: most VMs short, a few very long.
+        // Pareto, shape 1.5, scale 2,000 steps: most VMs short, a few very
+        // long; about 6,000 VMs live at once.
         let u: f64 = rng.random_range(1e-9..1.0);
-        let life = (200.0 / u.powf(1.0 / 1.5)) as u64;
+        let life = (2000.0 / u.powf(1.0 / 1.5)) as u64;
         leaving.insert((now + life, next), ());
         out.push(Event::Arrive(next, size));
         next += 1;
@@ -160,7 +161,7 @@ fn churn(events: usize, seed: u64) -> Vec<Event> {
 pub fn packing(events: usize) {
     let capacity = Resources {
         vcpus: 64,
-        memory_mib: 256 * 1024,
+        memory_mib: 512 * 1024,
         disk_gib: u64::MAX / 4,
     };
     let hosts = 2000;
