@@ -304,6 +304,9 @@ pub struct Vm {
     /// The requirement expression the VM was placed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requirements: Option<String>,
+    /// The rank expression the VM was placed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<String>,
     /// Affinity and anti-affinity groups the VM belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
@@ -337,6 +340,10 @@ pub struct CreateVm {
     /// `cpu_model == "EPYC" && labels.ssd`.
     #[serde(default)]
     pub requirements: Option<String>,
+    /// Among the hosts that qualify, prefer those where this is highest,
+    /// e.g. `free.memory_mib - load * 1024`; the policy breaks ties.
+    #[serde(default)]
+    pub rank: Option<String>,
     /// Names of the groups the VM joins.
     #[serde(default)]
     pub groups: Vec<String>,

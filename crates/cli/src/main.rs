@@ -179,6 +179,9 @@ enum VmCmd {
         /// Only hosts where this holds, e.g. 'cpu_model == "EPYC" && labels.ssd'.
         #[arg(long)]
         requires: Option<String>,
+        /// Prefer the hosts where this is highest, e.g. 'free.memory_mib'.
+        #[arg(long)]
+        rank: Option<String>,
         /// Join an affinity or anti-affinity group (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
@@ -418,6 +421,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
             cpu_policy,
             policy,
             requires,
+            rank,
             groups,
             no_start,
             wait,
@@ -433,6 +437,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                 cpu_policy: cpu_policy.map(api_enum).transpose()?,
                 policy: policy.map(api_enum).transpose()?,
                 requirements: requires,
+                rank,
                 groups,
             };
             let target = if no_start {

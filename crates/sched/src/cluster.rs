@@ -46,6 +46,9 @@ pub struct Request {
     pub cpu_policy: CpuPolicy,
     pub zone: Option<String>,
     pub requirements: Option<Expr>,
+    /// Among the hosts that pass, prefer those where this is highest (as
+    /// OpenNebula's RANK); the policy breaks ties.
+    pub rank: Option<Expr>,
     pub groups: Vec<Group>,
     pub policy: Policy,
 }
@@ -393,7 +396,10 @@ impl Cluster {
     }
 
     fn indexed_choice(&self, req: &Request) -> Option<usize> {
-        if req.policy == Policy::LoadAware || req.groups.iter().any(|g| !g.hard) {
+        if req.policy == Policy::LoadAware
+            || req.rank.is_some()
+            || req.groups.iter().any(|g| !g.hard)
+        {
             return None;
         }
         let fits = |&&(_, i): &&(u64, usize)| {
@@ -412,7 +418,7 @@ impl Cluster {
     fn scan(&self, req: &Request) -> Result<usize, Refusal> {
         let mut excluded = [0usize; Constraint::ALL.len()];
         let mut near: Option<(usize, Constraint)> = None;
-        let mut best: Option<(usize, (u32, f64))> = None;
+        let mut best: Option<(usize, (u32, f64, f64))> = None;
         for (i, h) in self.hosts.iter().enumerate() {
             let Some(h) = h else { continue };
             if let Some(c) = h.check(req, &self.group_totals) {
@@ -423,14 +429,18 @@ impl Cluster {
                 continue;
             }
             let soft = h.soft_violations(req, &self.group_totals);
+            // Higher rank first; a host whose rank cannot be computed last.
+            let rank = req.rank.as_ref().map_or(0.0, |e| {
+                -e.eval_number(&HostContext(h)).unwrap_or(f64::NEG_INFINITY)
+            });
             let free = h.memory_room() as f64;
             let score = match req.policy {
                 Policy::Pack => free,
                 Policy::Spread => -free,
                 Policy::LoadAware => (h.info.load * 1e12).round() - free,
             };
-            if best.is_none_or(|(_, (s, sc))| (soft, score) < (s, sc)) {
-                best = Some((i, (soft, score)));
+            if best.is_none_or(|(_, (s, r, sc))| (soft, rank, score) < (s, r, sc)) {
+                best = Some((i, (soft, rank, score)));
             }
         }
         let Some((i, _)) = best else {
@@ -718,6 +728,32 @@ mod tests {
     }
 
     #[test]
+    fn rank_prefers_the_highest_value() {
+        let mut c = Cluster::default();
+        let mut a = host("a", "z", 8, 8192);
+        a.labels.insert("speed".into(), "1".into());
+        let mut b = host("b", "z", 8, 8192);
+        b.labels.insert("speed".into(), "3".into());
+        c.upsert_host(a);
+        c.upsert_host(b);
+        c.upsert_host(host("c", "z", 8, 8192));
+        let ranked = Request {
+            rank: Some(Expr::parse("labels.speed * 2").unwrap()),
+            ..req(1, 512)
+        };
+        assert_eq!(c.place("v1", &ranked).unwrap().host, "b");
+        let by_free = Request {
+            rank: Some(Expr::parse("free.memory_mib").unwrap()),
+            ..req(1, 512)
+        };
+        assert_ne!(
+            c.place("v2", &by_free).unwrap().host,
+            "b",
+            "b has less free memory now"
+        );
+    }
+
+    #[test]
     fn dedicated_cores_are_exclusive_and_shared_vcpus_avoid_them() {
         let mut c = Cluster::default();
         let mut h = host("a", "z", 4, 65536);
@@ -973,9 +1009,10 @@ mod tests {
             proptest::option::of(0u8..2),
             proptest::option::of(group),
             0u8..3,
+            any::<bool>(),
         )
             .prop_map(
-                |(vcpus, gib, disk, dedicated, zone, group, policy)| Request {
+                |(vcpus, gib, disk, dedicated, zone, group, policy, ranked)| Request {
                     size: res(vcpus, gib * 512, disk),
                     cpu_policy: if dedicated {
                         CpuPolicy::Dedicated
@@ -984,6 +1021,7 @@ mod tests {
                     },
                     zone: zone.map(|z| format!("z{z}")),
                     requirements: None,
+                    rank: ranked.then(|| Expr::parse("free.vcpus - load").unwrap()),
                     groups: group.into_iter().collect(),
                     policy: [Policy::Pack, Policy::Spread, Policy::LoadAware][policy as usize],
                 },

@@ -53,8 +53,9 @@
 //!   every other pairing is false. **Any comparison involving a missing value is false,
 //!   including `!=`**: `labels.zone != "a"` does not hold on a host without a zone label
 //!   (write `!(labels.zone == "a")` for that). Comparisons involving NaN are false too.
-//! * **Arithmetic** (`+ - * /`, unary `-`) works on numbers only. Anything else, a
-//!   division by zero or a non-finite result yields missing.
+//! * **Arithmetic** (`+ - * /`, unary `-`) works on numbers and on strings that
+//!   parse as numbers (host labels are strings). Anything else, a division by
+//!   zero or a non-finite result yields missing.
 //! * [`Expr::eval_number`] (for rank expressions) turns the result into a finite number:
 //!   booleans count as 1 and 0, numeric strings are parsed, anything else is `None`.
 //!
@@ -671,10 +672,13 @@ fn write_quoted(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
     f.write_str("\"")
 }
 
+/// An arithmetic operand: a number, or a string that parses as one (host
+/// labels are strings, so `labels.speed * 2` works).
 fn number(v: Option<Value<'_>>) -> Option<f64> {
-    match v {
-        Some(Value::Number(n)) => Some(n),
-        _ => None,
+    match v? {
+        Value::Number(n) => Some(n),
+        Value::Bool(_) => None,
+        s => s.as_number(),
     }
 }
 
@@ -1501,11 +1505,12 @@ mod tests {
         assert_eq!(num("7 / 2"), Some(3.5));
         assert_eq!(num("-load"), Some(-0.25));
         assert_eq!(num("free.vcpus * 2 + free.memory_mib / 1024"), Some(32.0));
-        // Numbers only; everything else, division by zero, overflow: missing.
+        // Numbers and numeric strings (labels are strings); everything
+        // else, division by zero, overflow: missing.
+        assert_eq!(num(r#""1" + 1"#), Some(2.0));
         assert_eq!(num("1 / 0"), None);
         assert_eq!(num("0 / 0"), None);
-        assert_eq!(num(r#""1" + 1"#), None);
-        assert_eq!(num("count + 1"), None);
+        assert_eq!(num("count + 1"), Some(11.0));
         assert_eq!(num("true + 1"), None);
         assert_eq!(num("-word"), None);
         assert_eq!(num("-true"), None);

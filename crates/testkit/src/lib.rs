@@ -87,6 +87,7 @@ pub fn vm_request(name: &str, image: &str) -> CreateVm {
         cpu_policy: None,
         policy: None,
         requirements: None,
+        rank: None,
         groups: Vec::new(),
     }
 }

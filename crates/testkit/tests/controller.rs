@@ -479,6 +479,24 @@ async fn scheduler_constraints_through_the_api() {
         .await
         .unwrap();
     assert_eq!(spread.host, "h1", "h2 holds more");
+
+    // A rank expression decides among the hosts that qualify.
+    let ranked = c
+        .vm_create(&CreateVm {
+            rank: Some("labels.ssd == \"true\"".into()),
+            ..vm_request("r1", "tiny")
+        })
+        .await
+        .unwrap();
+    assert_eq!(ranked.host, "h2");
+    let err = c
+        .vm_create(&CreateVm {
+            rank: Some("free.vcpus *".into()),
+            ..vm_request("r2", "tiny")
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("rank: at position"), "{err}");
 }
 
 /// Hard anti-affinity keeps a group's VMs on different hosts and refuses a

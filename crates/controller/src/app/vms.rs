@@ -76,8 +76,7 @@ fn check_shape(vcpus: u32, memory_mib: u64) -> Result<()> {
 }
 
 /// A scheduler request from the API's fields, each checked: the zone must
-/// exist and the requirement expression parse (the error points at the
-/// position in it).
+/// exist and the requirement expression parse.
 fn sched_request(
     inv: &Inventory,
     size: Resources,
@@ -88,20 +87,24 @@ fn sched_request(
     if let Some(zone) = zone {
         inv.check_zone("zone", zone)?;
     }
-    let requirements =
-        match requirements {
-            Some(src) => Some(kumo_sched::expr::Expr::parse(src).map_err(|e| {
-                ApiError::invalid("requirements", format!("{e}\n{}", e.pointer(src)))
-            })?),
-            None => None,
-        };
     Ok(kumo_sched::Request {
         size,
         cpu_policy,
         zone: zone.clone(),
-        requirements,
+        requirements: parse_expr("requirements", requirements)?,
         ..Default::default()
     })
+}
+
+/// An expression field, parsed; a malformed one is refused with the
+/// position of the error in it.
+fn parse_expr(field: &str, src: &Option<String>) -> Result<Option<kumo_sched::expr::Expr>> {
+    src.as_deref()
+        .map(|src| {
+            kumo_sched::expr::Expr::parse(src)
+                .map_err(|e| ApiError::invalid(field, format!("{e}\n{}", e.pointer(src))).into())
+        })
+        .transpose()
 }
 
 /// The state users see, from the desired power state and the host's report.
@@ -350,6 +353,7 @@ impl App {
         let request = kumo_sched::Request {
             policy: req.policy.unwrap_or_default(),
             groups: inv.group_rules(&req.groups)?,
+            rank: parse_expr("rank", &req.rank)?,
             ..request
         };
         let placement = inv
@@ -384,6 +388,7 @@ impl App {
             cpu_policy,
             cores: placement.cores,
             requirements: req.requirements,
+            rank: req.rank,
             groups: req.groups,
             created_at: now_ms(),
         };
@@ -617,6 +622,7 @@ mod tests {
             cpu_policy: Default::default(),
             cores: Vec::new(),
             requirements: None,
+            rank: None,
             groups: Vec::new(),
             created_at: 0,
         }

@@ -23,7 +23,10 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
 /// List VMs.
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = [Vm])))]
 pub async fn list(state: AppState) -> impl axum::response::IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], state.vm_list_json().await)
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.vm_list_json().await,
+    )
 }
 
 /// Create a VM: placed on a host at once, started unless `start` is false.
