@@ -278,6 +278,28 @@ impl HostState {
         None
     }
 
+    /// The larger of CPU and memory use, as shares of what the host may
+    /// hold, with `req` placed on it.
+    fn dominant_share_with(&self, req: &Request) -> f64 {
+        let vcpus = f64::from(req.size.vcpus);
+        let (shared, dedicated) = match req.cpu_policy {
+            CpuPolicy::Shared => (
+                self.shared_vcpus as f64 + vcpus,
+                f64::from(self.dedicated_count),
+            ),
+            CpuPolicy::Dedicated => (
+                self.shared_vcpus as f64,
+                f64::from(self.dedicated_count) + vcpus,
+            ),
+        };
+        let cores = f64::from(self.info.capacity.vcpus.max(1));
+        let cpu = (shared / self.info.cpu_overcommit + dedicated) / cores;
+        let memory_limit =
+            (self.info.capacity.memory_mib as f64 * self.info.memory_overcommit).max(1.0);
+        let memory = (self.memory_mib + req.size.memory_mib) as f64 / memory_limit;
+        cpu.max(memory)
+    }
+
     /// Soft group rules the host would break: fewer is better.
     fn soft_violations(&self, req: &Request, group_totals: &HashMap<String, u32>) -> u32 {
         req.groups
@@ -295,6 +317,9 @@ impl HostState {
             .count() as u32
     }
 }
+
+/// How many of the fullest hosts that fit `pack` weighs.
+const PACK_WINDOW: usize = 16;
 
 /// The cluster's hosts and placed VMs.
 #[derive(Clone, Debug, Default)]
@@ -383,10 +408,12 @@ impl Cluster {
 
     /// Choose a host for `vm` and reserve what it needs there.
     ///
-    /// Pack takes the host with the least free memory that passes every
-    /// constraint (best fit), spread the one with the most, both found
-    /// through the free-memory index without looking at hosts too full for
-    /// the VM. Load-aware placement and soft group rules weigh every host.
+    /// Pack weighs the 16 hosts with the least free memory that pass every
+    /// constraint and takes the one whose fuller resource (CPU or memory)
+    /// would be fullest; spread takes the host with the most free memory.
+    /// Both look through the free-memory index, never at hosts too full for
+    /// the VM. Load-aware placement, rank expressions and soft group rules
+    /// weigh every host.
     pub fn place(&mut self, vm: &str, req: &Request) -> Result<Placement, Refusal> {
         let i = match self.indexed_choice(req) {
             Some(i) => i,
@@ -406,12 +433,31 @@ impl Cluster {
             let h = self.hosts[i].as_ref().expect("indexed hosts exist");
             h.check(req, &self.group_totals).is_none()
         };
-        let mut room = self.by_free_memory.range((req.size.memory_mib, 0)..);
+        let room = self.by_free_memory.range((req.size.memory_mib, 0)..);
         match req.policy {
-            Policy::Spread => room.rev().find(fits),
-            _ => room.find(fits),
+            Policy::Spread => room.rev().find(fits).map(|(_, i)| *i),
+            // Among the fullest hosts (by memory) that fit, the one whose
+            // fullest resource would be fullest: on streams where VMs come
+            // and go this leaves fewer half-empty hosts than best fit on
+            // memory alone (see docs/SPEC.md).
+            _ => room
+                .filter(fits)
+                .take(PACK_WINDOW)
+                .map(|(_, i)| *i)
+                .reduce(|best, i| {
+                    let share = |i: usize| {
+                        self.hosts[i]
+                            .as_ref()
+                            .expect("indexed")
+                            .dominant_share_with(req)
+                    };
+                    if share(i) > share(best) {
+                        i
+                    } else {
+                        best
+                    }
+                }),
         }
-        .map(|(_, i)| *i)
     }
 
     /// Weigh every host: the best by policy and soft rules, or why none.
@@ -435,7 +481,7 @@ impl Cluster {
             });
             let free = h.memory_room() as f64;
             let score = match req.policy {
-                Policy::Pack => free,
+                Policy::Pack => -h.dominant_share_with(req),
                 Policy::Spread => -free,
                 Policy::LoadAware => (h.info.load * 1e12).round() - free,
             };
@@ -1050,11 +1096,14 @@ mod tests {
                 match op {
                     Op::Place(r) => {
                         let vm = format!("vm{n}");
-                        // The index finds the host a full scan would (ties aside).
+                        // For spread, the index finds the host a full scan
+                        // would (ties aside); pack weighs a window of it.
                         if let Some(i) = c.indexed_choice(&r) {
                             let best = c.scan(&r).expect("the index found a host");
-                            let free = |i: usize| c.hosts[i].as_ref().unwrap().memory_room();
-                            prop_assert_eq!(free(i), free(best));
+                            if r.policy == Policy::Spread {
+                                let free = |i: usize| c.hosts[i].as_ref().unwrap().memory_room();
+                                prop_assert_eq!(free(i), free(best));
+                            }
                         }
                         match c.place(&vm, &r) {
                             Ok(p) => {

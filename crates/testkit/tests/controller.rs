@@ -497,6 +497,22 @@ async fn scheduler_constraints_through_the_api() {
         .await
         .unwrap_err();
     assert!(err.to_string().starts_with("rank: at position"), "{err}");
+
+    // An unknown policy is refused with the allowed ones.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/vms", cloud.server.url()))
+        .bearer_auth(&cloud.server.admin_token)
+        .json(&serde_json::json!({"name": "p", "image": "tiny", "vcpus": 1, "memory_mib": 256, "policy": "fastest"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("policy") && body.contains("pack") && body.contains("load_aware"),
+        "{body}"
+    );
+    assert!(c.vm("p").await.is_err());
 }
 
 /// Hard anti-affinity keeps a group's VMs on different hosts and refuses a

@@ -60,6 +60,9 @@ enum Bench {
         /// Arrivals and departures in the churn stream.
         #[arg(long, default_value_t = 100_000)]
         events: usize,
+        /// Seed of the churn stream.
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
     },
 }
 
@@ -77,6 +80,7 @@ async fn main() -> Result<()> {
             hosts,
             fill,
             events,
+            seed,
         } => {
             println!(
                 "placement, one core, filling {:.0}% of the memory:",
@@ -86,7 +90,7 @@ async fn main() -> Result<()> {
                 sched::throughput(n, fill);
             }
             println!("packing on a churn stream of {events} events:");
-            sched::packing(events);
+            sched::packing(events, seed);
             Ok(())
         }
     }

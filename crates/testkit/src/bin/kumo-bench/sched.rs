@@ -158,14 +158,14 @@ fn churn(events: usize, seed: u64) -> Vec<Event> {
 
 /// Hosts in use over the lower bound max_r ⌈Σ demand_r / capacity_r⌉,
 /// averaged over the stream after a warm-up.
-pub fn packing(events: usize) {
+pub fn packing(events: usize, seed: u64) {
     let capacity = Resources {
         vcpus: 64,
         memory_mib: 512 * 1024,
         disk_gib: u64::MAX / 4,
     };
     let hosts = 2000;
-    let stream = churn(events, 11);
+    let stream = churn(events, seed);
     let warmup = events / 5;
     let mut results = Vec::new();
     for name in ["first-fit", "best-fit", "kumo pack"] {
