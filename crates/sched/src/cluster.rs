@@ -8,7 +8,7 @@
 //! host's `cpu_overcommit` ratio. Memory is overcommitted by
 //! `memory_overcommit` (1.0: none); disk is never overcommitted.
 
-use crate::expr::{Context, Expr, Value};
+use crate::expr::{Context, Expr, ParseError, Value};
 use kumo_api::Resources;
 pub use kumo_api::{CpuPolicy, PlacementPolicy as Policy};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -335,10 +335,6 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn host_count(&self) -> usize {
-        self.by_name.len()
-    }
-
     /// Add a host, or update what is known of it (its VMs stay).
     pub fn upsert_host(&mut self, info: HostInfo) {
         let name = info.name.clone();
@@ -387,23 +383,6 @@ impl Cluster {
         self.hosts[i] = None;
         self.by_name.remove(name);
         Ok(())
-    }
-
-    fn host_mut(&mut self, name: &str) -> Option<&mut HostState> {
-        let i = *self.by_name.get(name)?;
-        self.hosts[i].as_mut()
-    }
-
-    pub fn set_schedulable(&mut self, name: &str, schedulable: bool) {
-        if let Some(h) = self.host_mut(name) {
-            h.info.schedulable = schedulable;
-        }
-    }
-
-    pub fn set_load(&mut self, name: &str, load: f64) {
-        if let Some(h) = self.host_mut(name) {
-            h.info.load = load;
-        }
     }
 
     /// Choose a host for `vm` and reserve what it needs there.
@@ -686,7 +665,43 @@ fn decrement(map: &mut HashMap<String, u32>, key: &str) {
     }
 }
 
-/// What an expression may read of a host.
+/// The host attributes requirement and rank expressions may read, besides
+/// `labels.KEY`.
+pub const HOST_ATTRIBUTES: [&str; 11] = [
+    "name",
+    "zone",
+    "cpu_model",
+    "load",
+    "vcpus",
+    "memory_mib",
+    "disk_gib",
+    "free.vcpus",
+    "free.cores",
+    "free.memory_mib",
+    "free.disk_gib",
+];
+
+/// Parse a requirement or rank expression over hosts; an attribute hosts do
+/// not have is refused like a syntax error, pointing at it.
+pub fn parse_host_expr(src: &str) -> Result<Expr, ParseError> {
+    let expr = Expr::parse(src)?;
+    for path in expr.paths() {
+        let name = path.to_string();
+        let label = path.segments().len() == 2 && path.segments().next() == Some("labels");
+        if !label && !HOST_ATTRIBUTES.contains(&name.as_str()) {
+            return Err(ParseError::new(
+                path.position(),
+                format!(
+                    "unknown host attribute '{name}'; use labels.KEY or one of {}",
+                    HOST_ATTRIBUTES.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(expr)
+}
+
+/// What an expression may read of a host (see [`HOST_ATTRIBUTES`]).
 struct HostContext<'a>(&'a HostState);
 
 impl Context for HostContext<'_> {
@@ -765,12 +780,29 @@ mod tests {
             "b",
             "spread goes to the emptier host"
         );
-        c.set_load("a", 90.0);
+        c.upsert_host(HostInfo {
+            load: 90.0,
+            ..host("a", "z", 8, 8192)
+        });
         let load = Request {
             policy: Policy::LoadAware,
             ..req(1, 512)
         };
         assert_eq!(c.place("v4", &load).unwrap().host, "b");
+    }
+
+    #[test]
+    fn expressions_may_read_only_host_attributes() {
+        assert!(
+            parse_host_expr(r#"cpu_model == "EPYC" && labels.ssd && free.memory_mib > 1"#).is_ok()
+        );
+        let err = parse_host_expr(r#"labels.ssd && cpu_modle == "x""#).unwrap_err();
+        assert_eq!(err.position, 14);
+        assert!(
+            err.message.contains("unknown host attribute 'cpu_modle'"),
+            "{err}"
+        );
+        assert!(parse_host_expr("labels.a.b").is_err());
     }
 
     #[test]
@@ -850,7 +882,10 @@ mod tests {
         c.upsert_host(host("b", "z2", 4, 4096));
         c.upsert_host(host("c", "z1", 1, 4096));
         c.upsert_host(host("d", "z1", 8, 1024));
-        c.set_schedulable("a", false);
+        c.upsert_host(HostInfo {
+            schedulable: false,
+            ..host("a", "z1", 4, 4096)
+        });
         let r = c
             .place(
                 "v",
@@ -936,8 +971,12 @@ mod tests {
             ..req(2, 1024)
         };
         assert_eq!(c.capacity(&dedicated).fits, 4 + 1 + 1);
-        c.set_schedulable("b", false);
-        c.set_schedulable("c", false);
+        for name in ["b", "c"] {
+            c.upsert_host(HostInfo {
+                schedulable: false,
+                ..host(name, "z", 2, 65536)
+            });
+        }
         assert_eq!(
             c.capacity(&req(1, 1024)),
             Capacity {

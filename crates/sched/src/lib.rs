@@ -11,5 +11,6 @@ mod cluster;
 pub mod expr;
 
 pub use cluster::{
-    Capacity, Cluster, Constraint, CpuPolicy, Group, HostInfo, Placement, Policy, Refusal, Request,
+    parse_host_expr, Capacity, Cluster, Constraint, CpuPolicy, Group, HostInfo, Placement, Policy,
+    Refusal, Request,
 };

@@ -402,6 +402,18 @@ async fn scheduler_constraints_through_the_api() {
     );
     let err = c
         .vm_create(&CreateVm {
+            requirements: Some("cpu_modle == \"x\"".into()),
+            ..vm_request("x", "tiny")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown host attribute 'cpu_modle'"),
+        "{err}"
+    );
+    let err = c
+        .vm_create(&CreateVm {
             requirements: Some("labels.gpu".into()),
             ..vm_request("x", "tiny")
         })

@@ -101,7 +101,7 @@ fn sched_request(
 fn parse_expr(field: &str, src: &Option<String>) -> Result<Option<kumo_sched::expr::Expr>> {
     src.as_deref()
         .map(|src| {
-            kumo_sched::expr::Expr::parse(src)
+            kumo_sched::parse_host_expr(src)
                 .map_err(|e| ApiError::invalid(field, format!("{e}\n{}", e.pointer(src))).into())
         })
         .transpose()
