@@ -73,7 +73,7 @@ impl Controller {
             || hex::encode(rand::random::<[u8; 24]>()),
             |i| i.agent_secret.clone(),
         );
-        tracing::info!(capacity = %crate::capacity_of(&capacity), driver = %hypervisor.driver, accel = %hypervisor.accel, "host found");
+        tracing::info!(vcpus = capacity.vcpus, memory_mib = capacity.memory_mib, disk_gib = capacity.disk_gib, driver = %hypervisor.driver, accel = %hypervisor.accel, "host found");
         let c = Controller {
             url: config.controller.trim_end_matches('/').to_string(),
             http: shared_http().clone(),

@@ -14,7 +14,7 @@ mod metrics;
 mod vm;
 
 use anyhow::Context;
-use kumo_api::{DesiredState, Resources};
+use kumo_api::DesiredState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,8 +141,4 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         addr,
         tasks,
     })
-}
-
-pub(crate) fn capacity_of(r: &Resources) -> String {
-    format!("{} CPUs, {} MiB, {} GiB", r.vcpus, r.memory_mib, r.disk_gib)
 }

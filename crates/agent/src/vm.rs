@@ -240,7 +240,8 @@ impl Actor {
             }
         }
         self.last_power = Some(spec.power);
-        if self.guest.is_running().await {
+        let running = self.status.lock().expect("lock").state == ObservedState::Running;
+        if running {
             // Cores dedicated to the other VMs of this host.
             let reserved = self
                 .shared

@@ -385,6 +385,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Record a host's measured CPU load (for load-aware placement), without
+    /// the rest of an update: heartbeats bring it every second.
+    pub fn set_load(&mut self, name: &str, load: f64) {
+        if let Some(h) = self.by_name.get(name).and_then(|&i| self.hosts[i].as_mut()) {
+            h.info.load = load;
+        }
+    }
+
     /// Choose a host for `vm` and reserve what it needs there.
     ///
     /// Pack weighs the 16 hosts with the least free memory that pass every
@@ -780,10 +788,7 @@ mod tests {
             "b",
             "spread goes to the emptier host"
         );
-        c.upsert_host(HostInfo {
-            load: 90.0,
-            ..host("a", "z", 8, 8192)
-        });
+        c.set_load("a", 90.0);
         let load = Request {
             policy: Policy::LoadAware,
             ..req(1, 512)

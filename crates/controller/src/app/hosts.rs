@@ -335,7 +335,12 @@ impl App {
             down: false,
         };
         let generation = e.rec.generation;
-        inv.sync_host(host);
+        if entry.live.down {
+            // Back from down: schedulable again.
+            inv.sync_host(host);
+        } else {
+            inv.cluster.set_load(host, f64::from(hb.load.cpu_percent));
+        }
         Ok(HeartbeatResponse { generation })
     }
 
