@@ -23,6 +23,8 @@ pub struct HostInfo {
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
     pub cpu_model: String,
+    /// `kvm` or `tcg`: a running guest moves only between hosts of one kind.
+    pub accel: String,
     pub labels: BTreeMap<String, String>,
     /// Ready and enabled: not down, disabled or draining.
     pub schedulable: bool,
@@ -51,6 +53,10 @@ pub struct Request {
     pub rank: Option<Expr>,
     pub groups: Vec<Group>,
     pub policy: Policy,
+    /// The host a running VM moves away from (live migration): it is
+    /// excluded, and the target must run the guest's CPU as it is — the same
+    /// accelerator, and under KVM the same CPU model.
+    pub from_host: Option<String>,
 }
 
 /// The answer to "how many more of these fit?".
@@ -74,7 +80,9 @@ pub struct Placement {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Constraint {
     NotSchedulable,
+    CurrentHost,
     Zone,
+    CpuModel,
     Requirements,
     AntiAffinity,
     Affinity,
@@ -85,9 +93,11 @@ pub enum Constraint {
 }
 
 impl Constraint {
-    const ALL: [Constraint; 9] = [
+    const ALL: [Constraint; 11] = [
         Constraint::NotSchedulable,
+        Constraint::CurrentHost,
         Constraint::Zone,
+        Constraint::CpuModel,
         Constraint::Requirements,
         Constraint::AntiAffinity,
         Constraint::Affinity,
@@ -101,7 +111,9 @@ impl Constraint {
     pub fn key(self) -> &'static str {
         match self {
             Constraint::NotSchedulable => "not_schedulable",
+            Constraint::CurrentHost => "current_host",
             Constraint::Zone => "zone",
+            Constraint::CpuModel => "cpu_model",
             Constraint::Requirements => "requirements",
             Constraint::AntiAffinity => "anti_affinity",
             Constraint::Affinity => "affinity",
@@ -115,7 +127,9 @@ impl Constraint {
     pub fn describe(self) -> &'static str {
         match self {
             Constraint::NotSchedulable => "not schedulable (down, disabled or draining)",
+            Constraint::CurrentHost => "the VM's current host",
             Constraint::Zone => "in another zone",
+            Constraint::CpuModel => "unable to run the guest's CPU (other accelerator or CPU model)",
             Constraint::Requirements => "not matching the requirements",
             Constraint::AntiAffinity => "holding a VM of a hard anti-affinity group",
             Constraint::Affinity => "not holding the VMs of a hard affinity group",
@@ -229,12 +243,26 @@ impl HostState {
     }
 
     /// The first constraint the host fails for `req`, if any.
-    fn check(&self, req: &Request, group_totals: &HashMap<String, u32>) -> Option<Constraint> {
+    /// `from` is the host named by `req.from_host`.
+    fn check(
+        &self,
+        req: &Request,
+        from: Option<&HostInfo>,
+        group_totals: &HashMap<String, u32>,
+    ) -> Option<Constraint> {
         if !self.info.schedulable {
             return Some(Constraint::NotSchedulable);
         }
+        if req.from_host.as_ref() == Some(&self.info.name) {
+            return Some(Constraint::CurrentHost);
+        }
         if req.zone.as_ref().is_some_and(|z| *z != self.info.zone) {
             return Some(Constraint::Zone);
+        }
+        if from.is_some_and(|f| {
+            f.accel != self.info.accel || (f.accel == "kvm" && f.cpu_model != self.info.cpu_model)
+        }) {
+            return Some(Constraint::CpuModel);
         }
         if req
             .requirements
@@ -409,7 +437,14 @@ impl Cluster {
         Ok(self.reserve(vm, i, req))
     }
 
+    /// The host a request moves a VM away from.
+    fn from_host(&self, req: &Request) -> Option<&HostInfo> {
+        let i = *self.by_name.get(req.from_host.as_ref()?)?;
+        self.hosts[i].as_ref().map(|h| &h.info)
+    }
+
     fn indexed_choice(&self, req: &Request) -> Option<usize> {
+        let from = self.from_host(req);
         if req.policy == Policy::LoadAware
             || req.rank.is_some()
             || req.groups.iter().any(|g| !g.hard)
@@ -418,7 +453,7 @@ impl Cluster {
         }
         let fits = |&&(_, i): &&(u64, usize)| {
             let h = self.hosts[i].as_ref().expect("indexed hosts exist");
-            h.check(req, &self.group_totals).is_none()
+            h.check(req, from, &self.group_totals).is_none()
         };
         let room = self.by_free_memory.range((req.size.memory_mib, 0)..);
         match req.policy {
@@ -449,12 +484,13 @@ impl Cluster {
 
     /// Weigh every host: the best by policy and soft rules, or why none.
     fn scan(&self, req: &Request) -> Result<usize, Refusal> {
+        let from = self.from_host(req);
         let mut excluded = [0usize; Constraint::ALL.len()];
         let mut near: Option<(usize, Constraint)> = None;
         let mut best: Option<(usize, (u32, f64, f64))> = None;
         for (i, h) in self.hosts.iter().enumerate() {
             let Some(h) = h else { continue };
-            if let Some(c) = h.check(req, &self.group_totals) {
+            if let Some(c) = h.check(req, from, &self.group_totals) {
                 excluded[c as usize] += 1;
                 if near.is_none_or(|(_, n)| c > n) {
                     near = Some((i, c));
@@ -586,7 +622,7 @@ impl Cluster {
         };
         for h in self.hosts.iter().flatten() {
             // Constraints other than room decide whether the host counts.
-            if h.check(&shape, &self.group_totals).is_some() {
+            if h.check(&shape, None, &self.group_totals).is_some() {
                 continue;
             }
             let per = |room: u64, need: u64| room.checked_div(need).unwrap_or(u64::MAX);
@@ -755,6 +791,7 @@ mod tests {
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
             cpu_model: "EPYC".into(),
+            accel: "tcg".into(),
             labels: BTreeMap::new(),
             schedulable: true,
             load: 0.0,
@@ -1010,7 +1047,11 @@ mod tests {
     }
 
     /// Whether `r` fits on `info`, recomputed from scratch from `placed`.
-    fn fits_in_model(info: &HostInfo, placed: &[Placed], r: &Request) -> bool {
+    fn fits_in_model(info: &HostInfo, hosts: &[HostInfo], placed: &[Placed], r: &Request) -> bool {
+        let from = hosts.iter().find(|h| Some(&h.name) == r.from_host.as_ref());
+        let cpu_runs = from.is_none_or(|f| {
+            f.accel == info.accel && (f.accel == "tcg" || f.cpu_model == info.cpu_model)
+        });
         let here: Vec<&Placed> = placed.iter().filter(|p| p.host == info.name).collect();
         let dedicated: u32 = here.iter().map(|p| p.cores.len() as u32).sum();
         let shared: u64 = here
@@ -1042,6 +1083,8 @@ mod tests {
             }
         });
         info.schedulable
+            && r.from_host.as_ref() != Some(&info.name)
+            && cpu_runs
             && r.zone.as_ref().is_none_or(|z| *z == info.zone)
             && group_ok
             && cpu_ok
@@ -1066,6 +1109,7 @@ mod tests {
                 any::<bool>(),
                 0u8..3,
                 0u8..2,
+                0u8..4,
             ),
             1..7,
         )
@@ -1073,8 +1117,10 @@ mod tests {
             hs.into_iter()
                 .enumerate()
                 .map(
-                    |(i, (cores, gib, disk, zone, schedulable, cpu_x, mem_x))| HostInfo {
+                    |(i, (cores, gib, disk, zone, schedulable, cpu_x, mem_x, cpu))| HostInfo {
                         capacity: res(cores, gib * 1024, disk),
+                        accel: ["tcg", "kvm"][usize::from(cpu % 2)].into(),
+                        cpu_model: ["EPYC", "Xeon"][usize::from(cpu / 2)].into(),
                         cpu_overcommit: [1.0, 2.0, 4.0][cpu_x as usize],
                         memory_overcommit: [1.0, 1.5][mem_x as usize],
                         schedulable: schedulable || i == 0,
@@ -1100,9 +1146,10 @@ mod tests {
             proptest::option::of(group),
             0u8..3,
             any::<bool>(),
+            proptest::option::of(0u8..7),
         )
             .prop_map(
-                |(vcpus, gib, disk, dedicated, zone, group, policy, ranked)| Request {
+                |(vcpus, gib, disk, dedicated, zone, group, policy, ranked, from)| Request {
                     size: res(vcpus, gib * 512, disk),
                     cpu_policy: if dedicated {
                         CpuPolicy::Dedicated
@@ -1114,6 +1161,7 @@ mod tests {
                     rank: ranked.then(|| Expr::parse("free.vcpus - load").unwrap()),
                     groups: group.into_iter().collect(),
                     policy: [Policy::Pack, Policy::Spread, Policy::LoadAware][policy as usize],
+                    from_host: from.map(|h| format!("h{h}")),
                 },
             )
     }
@@ -1152,14 +1200,14 @@ mod tests {
                         match c.place(&vm, &r) {
                             Ok(p) => {
                                 let info = hosts.iter().find(|h| h.name == p.host).unwrap();
-                                prop_assert!(fits_in_model(info, &placed, &r), "{} does not fit {:?}", p.host, r);
+                                prop_assert!(fits_in_model(info, &hosts, &placed, &r), "{} does not fit {:?}", p.host, r);
                                 let taken: Vec<u32> = placed.iter().filter(|q| q.host == p.host).flat_map(|q| q.cores.clone()).collect();
                                 prop_assert!(p.cores.iter().all(|c| !taken.contains(c) && *c < info.capacity.vcpus), "core given twice");
                                 prop_assert_eq!(p.cores.len() as u32, if r.cpu_policy == CpuPolicy::Dedicated { r.size.vcpus } else { 0 });
                                 placed.push(Placed { vm, host: p.host, size: r.size, cores: p.cores, groups: r.groups.clone() });
                             }
                             Err(refusal) => {
-                                prop_assert!(!hosts.iter().any(|h| fits_in_model(h, &placed, &r)), "refused but a host fits: {}", refusal);
+                                prop_assert!(!hosts.iter().any(|h| fits_in_model(h, &hosts, &placed, &r)), "refused but a host fits: {}", refusal);
                                 let counted: usize = refusal.excluded.iter().map(|(_, n)| n).sum();
                                 prop_assert_eq!(counted, hosts.len());
                             }

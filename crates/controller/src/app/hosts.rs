@@ -103,6 +103,7 @@ impl HostEntry {
             cpu_overcommit: self.rec.cpu_overcommit,
             memory_overcommit: self.rec.memory_overcommit,
             cpu_model: self.rec.cpu_model.clone(),
+            accel: self.rec.hypervisor.accel.clone(),
             labels: self.rec.labels.clone(),
             schedulable: self.state() == HostState::Ready,
             load: self.live.load.map_or(0.0, |l| f64::from(l.cpu_percent)),

@@ -17,6 +17,7 @@ fn host(i: usize, capacity: Resources, cpu_overcommit: f64) -> HostInfo {
         cpu_overcommit,
         memory_overcommit: 1.0,
         cpu_model: "EPYC".into(),
+        accel: "tcg".into(),
         labels: BTreeMap::new(),
         schedulable: true,
         load: 0.0,
