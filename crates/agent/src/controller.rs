@@ -92,6 +92,7 @@ impl Controller {
                 hypervisor,
                 cpu_model: metrics::cpu_model(),
                 labels: config.labels.clone(),
+                datastore: config.datastore.as_ref().map(|d| d.name.clone()),
             },
         };
         if known.is_none() && config.join_token.is_none() {
@@ -194,7 +195,10 @@ pub async fn heartbeats(shared: Arc<Shared>) {
     // first round catches up after a restart.
     let mut first = !shared.config.long_poll;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.report_now.notified() => {}
+        }
         let applied = shared.applied.lock().await.generation;
         let hb = Heartbeat {
             load: meter.sample(),

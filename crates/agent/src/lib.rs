@@ -53,6 +53,17 @@ pub struct Config {
     pub long_poll: bool,
     /// How long an ACPI shutdown may take before the guest is stopped hard.
     pub stop_timeout: Duration,
+    /// A datastore shared with other hosts (e.g. an NFS mount at the same
+    /// path on each): disks live there, so migrations between hosts that
+    /// share it copy no disk.
+    pub datastore: Option<Datastore>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Datastore {
+    /// The same name on every host that mounts it.
+    pub name: String,
+    pub path: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,6 +83,11 @@ pub(crate) struct Shared {
     pub applied: Mutex<DesiredState>,
     /// One lock per image being fetched, so two VMs never download it twice.
     pub image_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Send a heartbeat now (a migration step other hosts wait for).
+    pub report_now: tokio::sync::Notify,
+    /// The address guests migrating in are received on: the one the
+    /// controller reaches the agent at.
+    pub migration_ip: String,
 }
 
 /// A running agent; dropping it stops its tasks (guests keep running).
@@ -95,7 +111,13 @@ impl Drop for Agent {
 pub async fn start(config: Config) -> anyhow::Result<Agent> {
     std::fs::create_dir_all(config.data_dir.join("vms"))
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let driver = driver::Driver::probe(config.driver, config.accel, &config.data_dir).await?;
+    let driver = driver::Driver::probe(
+        config.driver,
+        config.accel,
+        &config.data_dir,
+        config.datastore.as_ref().map(|d| d.path.as_path()),
+    )
+    .await?;
     let capacity = metrics::capacity(&config.data_dir, config.capacity)?;
     let listener = match config.listen {
         Some(addr) => Some(
@@ -115,6 +137,10 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         controller::Controller::connect(&config, &address, capacity, driver.info()).await?;
     let host_id = controller.host_id();
     let ledger = ledger::load(&config.data_dir)?;
+    let migration_ip = reqwest::Url::parse(&address)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_else(|| "127.0.0.1".into());
     let shared = Arc::new(Shared {
         config,
         driver,
@@ -123,6 +149,8 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         vms: Mutex::new(HashMap::new()),
         applied: Mutex::new(DesiredState::default()),
         image_locks: Mutex::new(HashMap::new()),
+        report_now: tokio::sync::Notify::new(),
+        migration_ip,
     });
     vm::remove_orphans(&shared, ledger.as_ref()).await;
     if let Some(desired) = ledger {

@@ -1,5 +1,5 @@
 use clap::Parser;
-use kumo_agent::{Accel, CapacityOverride, Config, DriverKind};
+use kumo_agent::{Accel, CapacityOverride, Config, Datastore, DriverKind};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +56,26 @@ struct Args {
     /// Seconds an ACPI shutdown may take before the guest is stopped hard.
     #[arg(long, default_value_t = 30.0)]
     stop_timeout: f64,
+    /// A datastore shared with other hosts, NAME=PATH (e.g.
+    /// `nfs1=/mnt/kumo`, mounted at the same path everywhere): disks live
+    /// there, and migrations between hosts that share it copy no disk.
+    #[arg(long, value_parser = parse_datastore)]
+    shared_datastore: Option<Datastore>,
+}
+
+fn parse_datastore(s: &str) -> Result<Datastore, String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=PATH"))?;
+    if name.is_empty() || !path.starts_with('/') {
+        return Err(format!(
+            "{s:?}: give a name and an absolute path, e.g. nfs1=/mnt/kumo"
+        ));
+    }
+    Ok(Datastore {
+        name: name.into(),
+        path: path.into(),
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -105,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: seconds("heartbeat", a.heartbeat)?,
         stop_timeout: seconds("stop-timeout", a.stop_timeout)?,
         long_poll: true,
+        datastore: a.shared_datastore,
     };
     let mut agents = Vec::new();
     match a.sim_hosts {

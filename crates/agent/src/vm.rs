@@ -7,10 +7,19 @@
 //! when the spec's power goes from stopped to running, or when a start is
 //! asked again after a failure. A guest that powers itself off stays off and
 //! is reported `stopped`; the controller takes that as the new wish.
+//!
+//! In a live migration the target's actor runs the QEMU waiting for the
+//! guest and the source's actor sends it (see `driver::qemu_migrate`); the
+//! outcome goes into the VM's status. A VM that leaves the desired state
+//! moved away: its local state goes, its disk on a shared datastore stays
+//! (the other host runs from it). Only a VM marked deleted loses that disk.
 
-use crate::driver::Guest;
+use crate::driver::{Guest, Outgoing};
 use crate::Shared;
-use kumo_api::{DesiredState, ObservedState, PowerState, VmSpec, VmStatus};
+use kumo_api::{
+    DesiredState, MigrationSpec, MigrationState, MigrationStatus, MigrationStorage, ObservedState,
+    PowerState, VmSpec, VmStatus,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -36,7 +45,14 @@ pub async fn apply(shared: &Arc<Shared>, desired: DesiredState) {
         match vms.get(&spec.id) {
             Some(h) => {
                 let old = h.spec.send_replace(Some(spec.clone()));
-                if old.as_ref() != Some(spec) {
+                // A migration step says nothing new about the guest's power.
+                let same_guest = |o: &VmSpec| {
+                    VmSpec {
+                        migration: spec.migration.clone(),
+                        ..o.clone()
+                    } == *spec
+                };
+                if !old.as_ref().is_some_and(same_guest) {
                     // Until the actor has acted on the new spec, what it
                     // reported before says nothing about it.
                     let mut s = h.status.lock().expect("lock");
@@ -81,7 +97,8 @@ pub async fn remove_orphans(shared: &Shared, ledger: Option<&DesiredState>) {
         if !ledger.is_some_and(|d| d.vms.iter().any(|v| v.id == id)) {
             tracing::info!(vm = %id, "removing a guest the desired state does not hold");
             let mut guest = shared.driver.guest(id);
-            if let Err(e) = guest.destroy().await {
+            // A shared disk may be another host's guest's now.
+            if let Err(e) = guest.remove(true).await {
                 tracing::warn!(vm = %id, error = %e, "removing orphan");
             }
         }
@@ -103,6 +120,7 @@ fn spawn(shared: Arc<Shared>, spec: VmSpec) -> VmHandle {
         reboots: spec.reboots,
         cpu_percent: None,
         message: None,
+        migration: None,
     }));
     let (tx, rx) = watch::channel(Some(spec.clone()));
     let task = tokio::spawn(run(shared, spec.id, rx, status.clone()));
@@ -121,6 +139,12 @@ struct Actor {
     last_power: Option<PowerState>,
     reboots_done: Option<u64>,
     failed: bool,
+    /// Whether the disk on a shared datastore stays when the VM leaves this
+    /// host: it does unless a local-storage migration copied it away (or
+    /// in).
+    keep_shared_disk: bool,
+    /// How the last migration this host sent ended.
+    sent: Option<MigrationStatus>,
 }
 
 async fn run(
@@ -137,20 +161,55 @@ async fn run(
         last_power: None,
         reboots_done: None,
         failed: false,
+        keep_shared_disk: true,
+        sent: None,
     };
     loop {
         let spec = rx.borrow_and_update().clone();
-        let Some(spec) = spec else {
-            match actor.guest.destroy().await {
+        let delete = spec.as_ref().is_none_or(|s| s.delete);
+        if delete {
+            let keep = spec.is_none() && actor.keep_shared_disk;
+            match actor.guest.remove(keep).await {
                 Ok(()) => {
-                    tracing::info!(vm = %id, "guest deleted");
+                    let what = if spec.is_some() {
+                        "deleted"
+                    } else {
+                        "moved away"
+                    };
+                    tracing::info!(vm = %id, "guest {what}");
+                    // Under the lock `apply` sends specs under: a spec that
+                    // came meanwhile (the VM is back) is followed, else the
+                    // actor leaves for good.
+                    let shared = actor.shared.clone();
+                    let mut vms = shared.vms.lock().await;
+                    if rx.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    vms.remove(&id);
                     return;
                 }
-                Err(e) => tracing::warn!(vm = %id, error = %e, "deleting guest; will retry"),
+                Err(e) => tracing::warn!(vm = %id, error = %e, "removing guest; will retry"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
-        };
+        }
+        let spec = spec.expect("checked above");
+        match &spec.migration {
+            Some(MigrationSpec::Incoming { id, storage }) => {
+                actor.keep_shared_disk = *storage == MigrationStorage::Shared;
+                actor.receive(&spec, *id, *storage).await;
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            }
+            Some(MigrationSpec::Outgoing { storage, .. }) => {
+                actor.keep_shared_disk = *storage == MigrationStorage::Shared;
+                actor.send(&spec, &rx).await;
+            }
+            None => actor.guest.finish_incoming().await,
+        }
         actor.converge(&spec).await;
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
@@ -167,6 +226,80 @@ impl Actor {
             self.reboots_done = Some(n);
             self.guest.save_reboots(n);
         }
+    }
+
+    fn report_migration(&self, m: MigrationStatus, now: bool) {
+        self.status.lock().expect("lock").migration = Some(m);
+        if now {
+            self.shared.report_now.notify_one();
+        }
+    }
+
+    /// Target: run the QEMU waiting for the guest and report where the
+    /// migration stands.
+    async fn receive(&mut self, spec: &VmSpec, id: uuid::Uuid, storage: MigrationStorage) {
+        let m = self.guest.incoming(&self.shared, spec, id, storage).await;
+        let before = self.status.lock().expect("lock").migration.clone();
+        let news = before.as_ref().is_none_or(|b| b.state != m.state);
+        if news {
+            tracing::info!(vm = %spec.name, state = ?m.state, message = ?m.message, "incoming migration");
+        }
+        let mut s = self.status.lock().expect("lock");
+        s.state = ObservedState::Incoming;
+        s.message = None;
+        s.reboots = spec.reboots;
+        drop(s);
+        self.report_migration(m, news);
+    }
+
+    /// Source: send the guest to the target, or report how that ended.
+    async fn send(&mut self, spec: &VmSpec, rx: &watch::Receiver<Option<VmSpec>>) {
+        let Some(MigrationSpec::Outgoing {
+            id,
+            uri,
+            nbd,
+            downtime_limit_ms,
+            ..
+        }) = &spec.migration
+        else {
+            return;
+        };
+        if let Some(done) = self.sent.clone().filter(|s| s.id == *id) {
+            self.report_migration(done, false);
+            return;
+        }
+        if !self.guest.is_running().await {
+            self.report_migration(
+                MigrationStatus {
+                    message: Some("the guest is not running here".into()),
+                    ..crate::driver::migration_status(*id, MigrationState::Failed)
+                },
+                true,
+            );
+            return;
+        }
+        let out = Outgoing {
+            id: *id,
+            uri,
+            nbd: nbd.as_deref(),
+            downtime_limit_ms: *downtime_limit_ms,
+        };
+        let status = self.status.clone();
+        let report = move |m: MigrationStatus| {
+            status.lock().expect("lock").migration = Some(m);
+        };
+        // Cancelled, or the controller gave up on this migration.
+        let cancelled = || {
+            !matches!(
+                rx.borrow().as_ref().and_then(|s| s.migration.as_ref()),
+                Some(MigrationSpec::Outgoing { id: i, cancel: false, .. }) if i == id
+            )
+        };
+        tracing::info!(vm = %spec.name, %uri, "migrating out");
+        let result = self.guest.outgoing(spec, &out, &report, &cancelled).await;
+        tracing::info!(vm = %spec.name, state = ?result.state, message = ?result.message, "migration ended");
+        self.sent = Some(result.clone());
+        self.report_migration(result, true);
     }
 
     fn report(&self, state: ObservedState, reboots: u64, message: Option<String>) {

@@ -3,7 +3,10 @@
 //! generation; the agent persists it before acting and reports the
 //! generation it has applied.
 
-use crate::{HostLoad, HypervisorInfo, ImageFormat, PowerState, Resources};
+use crate::{
+    HostLoad, HypervisorInfo, ImageFormat, MigrationProgress, MigrationStorage, PowerState,
+    Resources,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -23,6 +26,10 @@ pub struct RegisterHost {
     pub cpu_model: String,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Name of the shared datastore the host mounts (hosts that name the
+    /// same one hand guests over without copying their disks).
+    #[serde(default)]
+    pub datastore: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -43,6 +50,8 @@ pub enum ObservedState {
     Stopping,
     Stopped,
     Failed,
+    /// A QEMU waiting for a guest migrating in.
+    Incoming,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -53,6 +62,48 @@ pub struct VmStatus {
     pub reboots: u64,
     #[serde(default)]
     pub cpu_percent: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The host's side of a live migration the VM takes part in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// Where one side of a migration stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Target: preparing the QEMU that will receive the guest.
+    Preparing,
+    /// Target: listening at `uri` (and `nbd` for the disk).
+    Listening,
+    /// Source: copying the disk, then memory.
+    Active,
+    /// The guest runs on the target; the source's copy is paused for good.
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationStatus {
+    pub id: Uuid,
+    pub state: MigrationState,
+    /// Target: the QEMU migration address, e.g. `tcp:10.0.0.2:49152`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Target, local disks: the NBD export the source mirrors the disk to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
+    /// Source: when QEMU paused the guest for the last copy; target: when
+    /// the guest resumed (microseconds since the epoch, from QMP events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_us: Option<u64>,
+    /// Source, completed: QEMU's own figure for the pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -92,6 +143,33 @@ pub struct VmSpec {
     /// shared VMs, which keep off every dedicated core.
     #[serde(default)]
     pub cores: Vec<u32>,
+    /// The guest is deleted: stop it and remove everything it has, its disk
+    /// on a shared datastore included. (A VM that merely leaves the desired
+    /// state moved away: its local state goes, a shared disk stays.)
+    #[serde(default)]
+    pub delete: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationSpec>,
+}
+
+/// The host's part in a live migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", tag = "role")]
+pub enum MigrationSpec {
+    /// Start a QEMU that waits for the guest and report where it listens.
+    Incoming { id: Uuid, storage: MigrationStorage },
+    /// Send the guest to the target (disk first for local storage).
+    Outgoing {
+        id: Uuid,
+        storage: MigrationStorage,
+        uri: String,
+        #[serde(default)]
+        nbd: Option<String>,
+        downtime_limit_ms: u64,
+        /// Give up: cancel the transfer; the guest keeps running here.
+        #[serde(default)]
+        cancel: bool,
+    },
 }
 
 /// Everything a host should run, as of one generation.

@@ -70,6 +70,12 @@ pub enum HostState {
     Down,
     /// An operator took the host out of placement; its VMs keep running.
     Disabled,
+    /// Its VMs are being moved away (host or zone drain).
+    Draining,
+    /// Drained for maintenance: empty, takes no VMs until undrained.
+    Maintenance,
+    /// Emptied and powered off to save energy; powered on when needed.
+    Standby,
 }
 
 impl std::fmt::Display for HostState {
@@ -78,6 +84,9 @@ impl std::fmt::Display for HostState {
             HostState::Ready => "ready",
             HostState::Down => "down",
             HostState::Disabled => "disabled",
+            HostState::Draining => "draining",
+            HostState::Maintenance => "maintenance",
+            HostState::Standby => "standby",
         })
     }
 }
@@ -121,7 +130,11 @@ pub struct Host {
     pub cpu_model: String,
     /// Attributes for requirement expressions (`labels.ssd`).
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Sum of the sizes of the VMs placed on the host.
+    /// The shared datastore the host mounts, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
+    /// Sum of the sizes of the VMs placed on the host (and of those
+    /// migrating to it).
     pub allocated: Resources,
     pub hypervisor: HypervisorInfo,
     #[serde(default)]
@@ -260,6 +273,8 @@ pub enum VmState {
     Unknown,
     /// Deletion asked for; the host is tearing it down.
     Deleting,
+    /// Running, and moving live to another host.
+    Migrating,
 }
 
 impl std::fmt::Display for VmState {
@@ -310,7 +325,175 @@ pub struct Vm {
     /// Affinity and anti-affinity groups the VM belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// The live migration under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+    /// How the last migration ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_migration: Option<MigrationResult>,
+    /// The host a zone drain moved the VM away from (`kumo zone undrain
+    /// --return` brings it back there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuated_from: Option<String>,
     pub created_at: Millis,
+}
+
+/// How a migration moves the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationStorage {
+    /// Both hosts mount the datastore holding the disk: only memory moves.
+    Shared,
+    /// The disk is copied live to the target (NBD + drive-mirror), then
+    /// memory.
+    Local,
+}
+
+/// Where a migration stands, as the controller drives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Capacity reserved on the target; its QEMU is getting ready.
+    Preparing,
+    /// The source sends the guest.
+    Transferring,
+    /// Cancel asked for; waiting for the source to stop sending.
+    Cancelling,
+}
+
+/// A live migration under way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    pub id: Uuid,
+    pub source: String,
+    pub source_id: Uuid,
+    pub target: String,
+    pub target_id: Uuid,
+    /// Cores reserved on the target for a dedicated VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_cores: Vec<u32>,
+    pub storage: MigrationStorage,
+    pub phase: MigrationPhase,
+    /// The longest pause of the guest QEMU may aim for at switch-over.
+    pub downtime_limit_ms: u64,
+    /// Why it moves: `requested`, `drain of host h1`, `rebalance: ...`.
+    pub reason: String,
+    /// Where the target listens (known once it is ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
+    pub started_at: Millis,
+}
+
+/// Transfer figures from the source's QEMU.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationProgress {
+    /// `disk` while the disk is mirrored, then `memory`.
+    pub stage: String,
+    pub disk_total_bytes: u64,
+    pub disk_done_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub memory_transferred_bytes: u64,
+    pub memory_remaining_bytes: u64,
+    /// Bytes of guest memory dirtied per second.
+    pub dirty_rate_bytes: u64,
+    /// Memory copy passes so far (more than a few: a busy guest).
+    pub passes: u64,
+    /// Throttle auto-converge applies to the vCPUs, percent.
+    pub cpu_throttle_percent: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// How a migration ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationResult {
+    pub id: Uuid,
+    pub source: String,
+    pub target: String,
+    pub storage: MigrationStorage,
+    pub outcome: MigrationOutcome,
+    /// What went wrong, for failed and cancelled migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The guest's pause at switch-over: from the source QEMU stopping it to
+    /// the target QEMU resuming it (QMP event times), when both are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<f64>,
+    /// QEMU's own figure for the pause (source side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<u64>,
+    /// When the source paused the guest for the last copy (microseconds
+    /// since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at_us: Option<u64>,
+    pub total_ms: u64,
+    pub reason: String,
+    pub finished_at: Millis,
+}
+
+/// Ask for a live migration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct MigrateVm {
+    /// Target host; the scheduler chooses when absent.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Longest acceptable pause at switch-over (default 300 ms).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+}
+
+/// Drain a host or zone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+pub struct DrainParams {
+    /// Only compute and return the plan; move nothing.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+}
+
+/// Undrain a zone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+pub struct UndrainParams {
+    /// Move the VMs a drain took away back to the hosts they came from.
+    #[serde(default, rename = "return")]
+    pub return_vms: Option<bool>,
+}
+
+/// One VM's move in a drain plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedMove {
+    pub vm: String,
+    pub from: String,
+    /// The target host; none when no host can take the VM.
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default)]
+    pub to_zone: Option<String>,
+    /// Why no host can take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+}
+
+/// What a drain will do (or is doing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainPlan {
+    /// `host/NAME` or `zone/NAME`.
+    pub scope: String,
+    pub moves: Vec<PlannedMove>,
+    /// Every VM has a target: the other hosts have room for all of it.
+    pub feasible: bool,
+    /// Memory to copy, MiB.
+    pub memory_mib: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

@@ -7,8 +7,8 @@ mod output;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kumo_api::{
-    CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, EventQuery, UpdateHost, Vm,
-    VmState,
+    CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, EventQuery, MigrateVm,
+    MigrationOutcome, UpdateHost, Vm, VmState,
 };
 use kumo_client::Client;
 use output::{age, Format};
@@ -211,6 +211,22 @@ enum VmCmd {
         name: String,
         #[arg(long)]
         wait: bool,
+    },
+    /// Move a running VM live to another host.
+    Migrate {
+        name: String,
+        /// Target host (default: the scheduler chooses).
+        #[arg(long)]
+        to: Option<String>,
+        /// Longest acceptable pause at the switch-over, ms (default 300).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Show progress and wait until the migration ends.
+        #[arg(long)]
+        wait: bool,
+        /// Cancel the VM's migration under way (the VM stays where it was).
+        #[arg(long, conflicts_with_all = ["to", "downtime_ms"])]
+        cancel: bool,
     },
     /// Attach to the serial console (leave with Ctrl-]), or print its log.
     Console {
@@ -459,6 +475,40 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
             client.vm_action(&name, "reboot").await?,
             wait.then_some(VmState::Running),
         ),
+        VmCmd::Migrate { name, cancel, .. } if cancel => {
+            (client.vm_migrate_cancel(&name).await?, None)
+        }
+        VmCmd::Migrate {
+            name,
+            to,
+            downtime_ms,
+            wait,
+            ..
+        } => {
+            let req = MigrateVm {
+                to,
+                downtime_limit_ms: downtime_ms,
+            };
+            let vm = client.vm_migrate(&name, &req).await?;
+            if !wait {
+                (vm, None)
+            } else {
+                let id = vm.migration.as_ref().map(|m| m.id);
+                let vm = wait_migration(client, &name, id).await?;
+                match out {
+                    Format::Json => output::json(&vm),
+                    Format::Table => {
+                        if let Some(r) = &vm.last_migration {
+                            println!("{}", output::migration_result(r));
+                        }
+                    }
+                }
+                return match vm.last_migration.as_ref().map(|r| r.outcome) {
+                    Some(MigrationOutcome::Completed) => Ok(()),
+                    _ => bail!("VM {name} did not move"),
+                };
+            }
+        }
         VmCmd::Delete { name, wait } => {
             let vm = client.vm_delete(&name).await?;
             if wait {
@@ -518,6 +568,34 @@ async fn wait_state(client: &Client, name: &str, target: VmState) -> Result<Vm> 
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     spinner.finish_and_clear();
+    result
+}
+
+/// Follow a migration with a progress bar until it ends; the VM as it
+/// ended (`last_migration` says how).
+async fn wait_migration(client: &Client, name: &str, id: Option<uuid::Uuid>) -> Result<Vm> {
+    let bar = output::progress_bar(&format!("migrating {name}"));
+    let start = std::time::Instant::now();
+    let result = loop {
+        let vm = client.vm(name).await?;
+        match &vm.migration {
+            Some(m) if Some(m.id) == id => bar.update(m),
+            _ if vm.last_migration.as_ref().map(|r| r.id) == id => break Ok(vm),
+            _ => {
+                break Err(anyhow::anyhow!(
+                    "VM {name}: the migration was replaced by another"
+                ))
+            }
+        }
+        if start.elapsed() > WAIT_LIMIT {
+            break Err(anyhow::anyhow!(
+                "VM {name} is still migrating after {} s",
+                WAIT_LIMIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish();
     result
 }
 

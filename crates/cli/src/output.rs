@@ -79,6 +79,79 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
+/// A migration's progress on stderr when it is a terminal.
+pub struct MigrationBar(ProgressBar);
+
+pub fn progress_bar(msg: &str) -> MigrationBar {
+    if !std::io::stderr().is_terminal() {
+        return MigrationBar(ProgressBar::hidden());
+    }
+    let pb = ProgressBar::new(1);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:30} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    MigrationBar(pb)
+}
+
+impl MigrationBar {
+    pub fn update(&self, m: &kumo_api::Migration) {
+        let Some(p) = &m.progress else {
+            self.0
+                .set_message(format!("{:?} {} -> {}", m.phase, m.source, m.target).to_lowercase());
+            return;
+        };
+        let (done, total) = if p.stage == "disk" {
+            (p.disk_done_bytes, p.disk_total_bytes)
+        } else {
+            let total = p.memory_transferred_bytes + p.memory_remaining_bytes;
+            (p.memory_transferred_bytes, total.max(p.memory_total_bytes))
+        };
+        self.0.set_length(total.max(1));
+        self.0.set_position(done.min(total));
+        let mut msg = format!("{} {} -> {}", p.stage, m.source, m.target);
+        if p.dirty_rate_bytes > 0 {
+            msg += &format!(", dirty {}/s", gib_bytes(p.dirty_rate_bytes));
+        }
+        if p.cpu_throttle_percent > 0 {
+            msg += &format!(", throttled {}%", p.cpu_throttle_percent);
+        }
+        self.0.set_message(msg);
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn gib_bytes(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// One line on how a migration ended.
+pub fn migration_result(r: &kumo_api::MigrationResult) -> String {
+    let outcome = serde_json::to_value(r.outcome).expect("serializes");
+    let mut line = format!(
+        "{} -> {}: {} in {:.1} s",
+        r.source,
+        r.target,
+        outcome.as_str().unwrap_or("?"),
+        r.total_ms as f64 / 1000.0
+    );
+    if let Some(d) = r.downtime_ms {
+        line += &format!(", downtime {d:.1} ms");
+    } else if let Some(d) = r.qemu_downtime_ms {
+        line += &format!(", downtime {d} ms (QEMU)");
+    }
+    if let Some(m) = &r.message {
+        line += &format!(": {m}");
+    }
+    line
+}
+
 impl Format {
     pub fn done(self, msg: &str) {
         match self {

@@ -218,6 +218,16 @@ impl Client {
             .await
     }
 
+    pub async fn vm_migrate(&self, name: &str, req: &MigrateVm) -> Result<Vm> {
+        self.post(&format!("/v1/vms/{}/migrate", segment(name)), req)
+            .await
+    }
+
+    pub async fn vm_migrate_cancel(&self, name: &str) -> Result<Vm> {
+        self.post(&format!("/v1/vms/{}/migrate/cancel", segment(name)), &())
+            .await
+    }
+
     pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
         self.json(self.request(Method::DELETE, &format!("/v1/vms/{}", segment(name))))
             .await

@@ -129,7 +129,9 @@ impl Constraint {
             Constraint::NotSchedulable => "not schedulable (down, disabled or draining)",
             Constraint::CurrentHost => "the VM's current host",
             Constraint::Zone => "in another zone",
-            Constraint::CpuModel => "unable to run the guest's CPU (other accelerator or CPU model)",
+            Constraint::CpuModel => {
+                "unable to run the guest's CPU (other accelerator or CPU model)"
+            }
             Constraint::Requirements => "not matching the requirements",
             Constraint::AntiAffinity => "holding a VM of a hard anti-affinity group",
             Constraint::Affinity => "not holding the VMs of a hard affinity group",
@@ -173,11 +175,11 @@ impl std::fmt::Display for Refusal {
 }
 
 #[derive(Clone, Debug)]
-struct VmEntry {
-    host: usize,
-    size: Resources,
-    cores: Vec<u32>,
-    groups: Vec<String>,
+pub(crate) struct VmEntry {
+    pub(crate) host: usize,
+    pub(crate) size: Resources,
+    pub(crate) cores: Vec<u32>,
+    pub(crate) groups: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -193,6 +195,8 @@ struct HostState {
     dedicated_count: u32,
     /// VMs per group on this host.
     groups: HashMap<String, u32>,
+    /// VMs placed on this host.
+    vm_count: u32,
 }
 
 impl HostState {
@@ -207,6 +211,7 @@ impl HostState {
             dedicated: vec![false; cores],
             dedicated_count: 0,
             groups: HashMap::new(),
+            vm_count: 0,
         }
     }
 
@@ -309,6 +314,13 @@ impl HostState {
     /// The larger of CPU and memory use, as shares of what the host may
     /// hold, with `req` placed on it.
     fn dominant_share_with(&self, req: &Request) -> f64 {
+        let (cpu, memory) = self.shares_with(req);
+        cpu.max(memory)
+    }
+
+    /// CPU and memory use, as shares of what the host may hold, with `req`
+    /// placed on it.
+    fn shares_with(&self, req: &Request) -> (f64, f64) {
         let vcpus = f64::from(req.size.vcpus);
         let (shared, dedicated) = match req.cpu_policy {
             CpuPolicy::Shared => (
@@ -325,7 +337,7 @@ impl HostState {
         let memory_limit =
             (self.info.capacity.memory_mib as f64 * self.info.memory_overcommit).max(1.0);
         let memory = (self.memory_mib + req.size.memory_mib) as f64 / memory_limit;
-        cpu.max(memory)
+        (cpu, memory)
     }
 
     /// Soft group rules the host would break: fewer is better.
@@ -438,13 +450,13 @@ impl Cluster {
     }
 
     /// The host a request moves a VM away from.
-    fn from_host(&self, req: &Request) -> Option<&HostInfo> {
+    fn moving_from(&self, req: &Request) -> Option<&HostInfo> {
         let i = *self.by_name.get(req.from_host.as_ref()?)?;
         self.hosts[i].as_ref().map(|h| &h.info)
     }
 
     fn indexed_choice(&self, req: &Request) -> Option<usize> {
-        let from = self.from_host(req);
+        let from = self.moving_from(req);
         if req.policy == Policy::LoadAware
             || req.rank.is_some()
             || req.groups.iter().any(|g| !g.hard)
@@ -484,7 +496,7 @@ impl Cluster {
 
     /// Weigh every host: the best by policy and soft rules, or why none.
     fn scan(&self, req: &Request) -> Result<usize, Refusal> {
-        let from = self.from_host(req);
+        let from = self.moving_from(req);
         let mut excluded = [0usize; Constraint::ALL.len()];
         let mut near: Option<(usize, Constraint)> = None;
         let mut best: Option<(usize, (u32, f64, f64))> = None;
@@ -592,6 +604,7 @@ impl Cluster {
         h.dedicated_count += cores.len() as u32;
         h.memory_mib += size.memory_mib;
         h.disk_gib += size.disk_gib;
+        h.vm_count += 1;
         for g in &groups {
             *h.groups.entry(g.clone()).or_default() += 1;
             *self.group_totals.entry(g.clone()).or_default() += 1;
@@ -692,11 +705,156 @@ impl Cluster {
         h.dedicated_count -= e.cores.len() as u32;
         h.memory_mib -= e.size.memory_mib;
         h.disk_gib -= e.size.disk_gib;
+        h.vm_count -= 1;
         for g in &e.groups {
             decrement(&mut h.groups, g);
             decrement(&mut self.group_totals, g);
         }
         self.reindex(e.host);
+    }
+}
+
+/// Reading the cluster and moving placed VMs host by host (what the
+/// rebalancing and consolidation planners build on).
+impl Cluster {
+    /// What is known of a host.
+    pub fn host(&self, name: &str) -> Option<&HostInfo> {
+        let i = *self.by_name.get(name)?;
+        self.hosts[i].as_ref().map(|h| &h.info)
+    }
+
+    /// Every host, in the order they were added.
+    pub fn hosts(&self) -> impl Iterator<Item = &HostInfo> {
+        self.hosts.iter().flatten().map(|h| &h.info)
+    }
+
+    /// The host a VM is placed on.
+    pub fn vm_host(&self, vm: &str) -> Option<&str> {
+        let e = self.vms.get(vm)?;
+        self.hosts[e.host].as_ref().map(|h| h.info.name.as_str())
+    }
+
+    /// How many VMs are placed on a host (0 for an unknown one).
+    pub fn vm_count(&self, host: &str) -> usize {
+        self.by_name.get(host).map_or(0, |&i| self.vm_count_at(i))
+    }
+
+    /// The first constraint of `req` that `host` fails for `vm`, judged as
+    /// [`Cluster::place`] judges it, except that a VM placed already is not
+    /// counted as a member of its own groups (a lone member of a hard
+    /// affinity group may move anywhere). An unknown host is
+    /// [`Constraint::NotSchedulable`].
+    pub fn check_host(&self, vm: &str, host: &str, req: &Request) -> Result<(), Constraint> {
+        let i = self.host_index(host).ok_or(Constraint::NotSchedulable)?;
+        match self.mover(vm, req).check(i) {
+            Some(c) => Err(c),
+            None => Ok(()),
+        }
+    }
+
+    /// Reserve on `host` what `req` needs for `vm` if the host passes
+    /// [`Cluster::check_host`]; a VM placed elsewhere moves (what it held
+    /// there is given back).
+    pub fn place_on(
+        &mut self,
+        vm: &str,
+        host: &str,
+        req: &Request,
+    ) -> Result<Placement, Constraint> {
+        self.check_host(vm, host, req)?;
+        let i = self.host_index(host).expect("checked");
+        Ok(self.reserve(vm, i, req))
+    }
+
+    pub(crate) fn host_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Slots of host indexes (removed hosts leave holes).
+    pub(crate) fn host_slots(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub(crate) fn host_at(&self, i: usize) -> Option<&HostInfo> {
+        self.hosts.get(i)?.as_ref().map(|h| &h.info)
+    }
+
+    pub(crate) fn vm_count_at(&self, i: usize) -> usize {
+        self.hosts[i].as_ref().map_or(0, |h| h.vm_count as usize)
+    }
+
+    pub(crate) fn vm_entry(&self, vm: &str) -> Option<&VmEntry> {
+        self.vms.get(vm)
+    }
+
+    /// Put a VM back exactly as an earlier [`Cluster::vm_entry`] recorded
+    /// it (undoing a tentative move).
+    pub(crate) fn restore_vm(&mut self, vm: &str, e: VmEntry) {
+        self.add_at(vm, e.host, e.size, e.cores, e.groups);
+    }
+
+    pub(crate) fn set_load_at(&mut self, i: usize, load: f64) {
+        if let Some(h) = self.hosts[i].as_mut() {
+            h.info.load = load;
+        }
+    }
+
+    pub(crate) fn set_schedulable_at(&mut self, i: usize, schedulable: bool) {
+        if let Some(h) = self.hosts[i].as_mut() {
+            h.info.schedulable = schedulable;
+        }
+    }
+
+    /// CPU and memory use of host `i` as shares of what it may hold, with
+    /// `req` placed on it.
+    pub(crate) fn shares_with_at(&self, i: usize, req: &Request) -> (f64, f64) {
+        self.hosts[i].as_ref().expect("known host").shares_with(req)
+    }
+
+    pub(crate) fn reserve_at(&mut self, vm: &str, i: usize, req: &Request) -> Placement {
+        self.reserve(vm, i, req)
+    }
+
+    /// Checks `req` for `vm` against many hosts, with what does not depend
+    /// on the host worked out once.
+    pub(crate) fn mover<'a>(&'a self, vm: &str, req: &'a Request) -> Mover<'a> {
+        let own: &[String] = self.vms.get(vm).map_or(&[], |e| &e.groups);
+        // `check` reads the totals of the request's hard groups only.
+        let group_totals = req
+            .groups
+            .iter()
+            .filter(|g| g.hard)
+            .map(|g| {
+                let total = self.group_totals.get(&g.name).copied().unwrap_or(0);
+                let mine = own.iter().filter(|n| **n == g.name).count() as u32;
+                (g.name.clone(), total.saturating_sub(mine))
+            })
+            .collect();
+        Mover {
+            cluster: self,
+            req,
+            from: self.moving_from(req),
+            group_totals,
+        }
+    }
+}
+
+/// [`HostState::check`] for one placed VM, host after host.
+pub(crate) struct Mover<'a> {
+    cluster: &'a Cluster,
+    req: &'a Request,
+    from: Option<&'a HostInfo>,
+    /// The group totals without the VM itself.
+    group_totals: HashMap<String, u32>,
+}
+
+impl Mover<'_> {
+    /// The first constraint host `i` fails, if any.
+    pub(crate) fn check(&self, i: usize) -> Option<Constraint> {
+        match self.cluster.hosts.get(i).and_then(Option::as_ref) {
+            Some(h) => h.check(self.req, self.from, &self.group_totals),
+            None => Some(Constraint::NotSchedulable),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! The host's image cache: images fetched from the controller once, checked
-//! against their SHA-256, kept as `<data-dir>/images/<sha256>`.
+//! against their SHA-256, kept as `<data-dir>/images/<sha256>` — or in the
+//! shared datastore's `images/`, where disks there find their backing file
+//! under the same path on every host.
 
 use crate::Shared;
 use anyhow::{bail, Context};
@@ -11,7 +13,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf> {
-    let dir = shared.config.data_dir.join("images");
+    let dir = match &shared.config.datastore {
+        Some(ds) => ds.path.join("images"),
+        None => shared.config.data_dir.join("images"),
+    };
     let path = dir.join(&image.sha256);
     let lock = {
         let mut locks = shared.image_locks.lock().await;
@@ -25,7 +30,8 @@ pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf
         return Ok(path);
     }
     tokio::fs::create_dir_all(&dir).await?;
-    let tmp = dir.join(format!(".{}.part", image.sha256));
+    // Named per host: hosts sharing a datastore may fetch at once.
+    let tmp = dir.join(format!(".{}.{}.part", image.sha256, shared.config.name));
     let (url, token) = shared.controller.image_url(image.id);
     let resp = shared
         .controller

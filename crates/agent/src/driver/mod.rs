@@ -3,10 +3,12 @@
 
 mod images;
 pub mod qemu;
+mod qemu_migrate;
 pub mod sim;
 
 use crate::Shared;
-use kumo_api::{HypervisorInfo, VmSpec};
+use kumo_api::{HypervisorInfo, MigrationStatus, MigrationStorage, VmSpec};
+pub use qemu_migrate::{status as migration_status, Outgoing};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;
@@ -31,9 +33,14 @@ pub enum Driver {
 }
 
 impl Driver {
-    pub async fn probe(kind: DriverKind, accel: Accel, data_dir: &Path) -> anyhow::Result<Driver> {
+    pub async fn probe(
+        kind: DriverKind,
+        accel: Accel,
+        data_dir: &Path,
+        datastore: Option<&Path>,
+    ) -> anyhow::Result<Driver> {
         Ok(match kind {
-            DriverKind::Qemu => Driver::Qemu(qemu::Qemu::probe(accel, data_dir).await?),
+            DriverKind::Qemu => Driver::Qemu(qemu::Qemu::probe(accel, data_dir, datastore).await?),
             DriverKind::Sim => Driver::Sim(sim::Sim),
         })
     }
@@ -120,11 +127,50 @@ impl Guest {
         }
     }
 
-    /// Stop hard and remove everything the guest has on the host.
-    pub async fn destroy(&mut self) -> anyhow::Result<()> {
+    /// Stop hard and remove what the guest has on the host, its disk on a
+    /// shared datastore too unless `keep_shared_disk`.
+    pub async fn remove(&mut self, keep_shared_disk: bool) -> anyhow::Result<()> {
         match self {
-            Guest::Qemu(g) => g.destroy().await,
+            Guest::Qemu(g) => g.remove(keep_shared_disk).await,
             Guest::Sim(g) => g.stop(),
+        }
+    }
+
+    /// Target: get ready for (or follow) a guest migrating in.
+    pub async fn incoming(
+        &mut self,
+        shared: &Shared,
+        spec: &VmSpec,
+        id: uuid::Uuid,
+        storage: MigrationStorage,
+    ) -> MigrationStatus {
+        match self {
+            Guest::Qemu(g) => {
+                g.incoming(shared, spec, id, storage, &shared.migration_ip)
+                    .await
+            }
+            Guest::Sim(g) => g.incoming(id),
+        }
+    }
+
+    /// Target: the guest is this host's now.
+    pub async fn finish_incoming(&mut self) {
+        if let Guest::Qemu(g) = self {
+            g.finish_incoming().await;
+        }
+    }
+
+    /// Source: send the guest to the target.
+    pub async fn outgoing(
+        &mut self,
+        spec: &VmSpec,
+        out: &Outgoing<'_>,
+        report: &(dyn Fn(MigrationStatus) + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> MigrationStatus {
+        match self {
+            Guest::Qemu(g) => g.outgoing(out, report, cancelled).await,
+            Guest::Sim(g) => g.outgoing(spec, out.id, report, cancelled).await,
         }
     }
 

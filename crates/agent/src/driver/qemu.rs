@@ -5,7 +5,10 @@
 //! A VM's directory `<data-dir>/vms/<id>/` holds `disk.qcow2` (a
 //! copy-on-write overlay of the cached image; it survives stop and start),
 //! `seed.iso` (a NoCloud seed carrying the VM's name as its hostname),
-//! `qemu.pid`, `qmp.sock`, `console.sock` and `console.log`.
+//! `qemu.pid`, `qmp.sock`, `console.sock` and `console.log`. On a host with
+//! a shared datastore the disk is `<datastore>/disks/<id>.qcow2` instead
+//! (and the image cache `<datastore>/images/`), so every host mounting the
+//! datastore opens the same disk through the same path.
 
 use super::{images, Accel};
 use crate::{metrics, Shared};
@@ -29,10 +32,15 @@ pub struct Qemu {
     version: String,
     accel: &'static str,
     vms_dir: PathBuf,
+    datastore: Option<PathBuf>,
 }
 
 impl Qemu {
-    pub async fn probe(accel: Accel, data_dir: &Path) -> anyhow::Result<Qemu> {
+    pub async fn probe(
+        accel: Accel,
+        data_dir: &Path,
+        datastore: Option<&Path>,
+    ) -> anyhow::Result<Qemu> {
         let out = tokio::process::Command::new(BINARY)
             .arg("--version")
             .output()
@@ -51,10 +59,15 @@ impl Qemu {
             Accel::Auto if kvm_works(data_dir).await => "kvm",
             Accel::Auto => "tcg",
         };
+        if let Some(ds) = datastore {
+            std::fs::create_dir_all(ds.join("disks"))
+                .with_context(|| format!("datastore {}", ds.display()))?;
+        }
         Ok(Qemu {
             version,
             accel,
             vms_dir: data_dir.join("vms"),
+            datastore: datastore.map(Path::to_path_buf),
         })
     }
 
@@ -69,8 +82,14 @@ impl Qemu {
     pub fn guest(&self, id: Uuid) -> QemuGuest {
         QemuGuest {
             dir: self.vms_dir.join(id.to_string()),
+            disk: match &self.datastore {
+                Some(ds) => ds.join("disks").join(format!("{id}.qcow2")),
+                None => self.vms_dir.join(id.to_string()).join("disk.qcow2"),
+            },
+            shared_disk: self.datastore.is_some(),
             accel: self.accel,
             qmp: None,
+            events: None,
             pid: None,
             cpu_sample: None,
             pinned: None,
@@ -157,9 +176,14 @@ async fn kvm_works(data_dir: &Path) -> bool {
 }
 
 pub struct QemuGuest {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
+    /// The guest's disk: in `dir`, or on the shared datastore.
+    pub(super) disk: PathBuf,
+    shared_disk: bool,
     accel: &'static str,
-    qmp: Option<Qmp>,
+    pub(super) qmp: Option<Qmp>,
+    /// QMP events since the connection was made (switch-over times).
+    pub(super) events: Option<tokio::sync::broadcast::Receiver<kumo_qmp::QmpEvent>>,
     pid: Option<i32>,
     cpu_sample: Option<(u64, Instant)>,
     /// The pinning last applied: own cores, cores reserved by others.
@@ -167,7 +191,7 @@ pub struct QemuGuest {
 }
 
 impl QemuGuest {
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -181,6 +205,7 @@ impl QemuGuest {
                 self.pid = Some(pid);
                 if !self.qmp.as_ref().is_some_and(|q| q.is_connected()) {
                     self.qmp = Qmp::connect(self.path("qmp.sock")).await.ok();
+                    self.events = self.qmp.as_ref().map(Qmp::events);
                     if self.qmp.is_some() {
                         tracing::info!(dir = %self.dir.display(), pid, "attached to running guest");
                     }
@@ -190,17 +215,30 @@ impl QemuGuest {
             None => {
                 self.pid = None;
                 self.qmp = None;
+                self.events = None;
                 self.pinned = None;
                 false
             }
         }
     }
 
-    fn qmp(&self) -> anyhow::Result<&Qmp> {
+    pub(super) fn qmp(&self) -> anyhow::Result<&Qmp> {
         self.qmp.as_ref().context("no QMP connection to the guest")
     }
 
     pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
+        self.prepare(shared, spec, DiskSetup::Keep).await?;
+        self.launch(spec, false).await
+    }
+
+    /// Everything QEMU needs before it starts: the directory, the disk (as
+    /// `setup` says) and the seed.
+    pub(super) async fn prepare(
+        &self,
+        shared: &Shared,
+        spec: &VmSpec,
+        setup: DiskSetup,
+    ) -> anyhow::Result<()> {
         tokio::fs::create_dir_all(&self.dir).await?;
         if self.path("console.sock").as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
@@ -209,31 +247,46 @@ impl QemuGuest {
             );
         }
         let image = images::ensure(shared, &spec.image).await?;
-        let disk = self.path("disk.qcow2");
-        if !disk.exists() {
-            let tmp = self.path("disk.qcow2.tmp");
-            run(tokio::process::Command::new("qemu-img")
-                .args([
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    spec.image.format.as_str(),
-                    "-b",
-                ])
-                .arg(&image)
-                .arg(&tmp)
-                .arg(format!("{}G", spec.size.disk_gib)))
-            .await
-            .context("creating the disk overlay")?;
-            tokio::fs::rename(&tmp, &disk).await?;
+        match setup {
+            DiskSetup::Existing if !self.disk.exists() => {
+                bail!("the shared disk {} is missing", self.disk.display())
+            }
+            DiskSetup::Existing => {}
+            DiskSetup::Fresh | DiskSetup::Keep => {
+                if setup == DiskSetup::Fresh {
+                    let _ = tokio::fs::remove_file(&self.disk).await;
+                }
+                if !self.disk.exists() {
+                    let tmp = self.disk.with_extension("qcow2.tmp");
+                    run(tokio::process::Command::new("qemu-img")
+                        .args([
+                            "create",
+                            "-q",
+                            "-f",
+                            "qcow2",
+                            "-F",
+                            spec.image.format.as_str(),
+                            "-b",
+                        ])
+                        .arg(&image)
+                        .arg(&tmp)
+                        .arg(format!("{}G", spec.size.disk_gib)))
+                    .await
+                    .context("creating the disk overlay")?;
+                    tokio::fs::rename(&tmp, &self.disk).await?;
+                }
+            }
         }
-        self.write_seed(spec).await?;
+        self.write_seed(spec).await
+    }
+
+    /// Start QEMU, detached; `incoming` leaves it waiting for a migration.
+    pub(super) async fn launch(&mut self, spec: &VmSpec, incoming: bool) -> anyhow::Result<()> {
         for stale in ["qmp.sock", "console.sock", "qemu.pid"] {
             let _ = tokio::fs::remove_file(self.path(stale)).await;
         }
         let dir = self.dir.display();
+        let disk = self.disk.display();
         let mut cmd = tokio::process::Command::new(BINARY);
         cmd.arg("-name")
             .arg(format!("guest={},debug-threads=on", spec.name))
@@ -250,14 +303,25 @@ impl QemuGuest {
             .args(["-serial", "chardev:serial0"])
             .arg("-qmp")
             .arg(format!("unix:{dir}/qmp.sock,server=on,wait=off"))
-            .arg("-drive")
-            .arg(format!("file={dir}/disk.qcow2,if=virtio,format=qcow2,discard=unmap"))
-            .arg("-drive")
-            .arg(format!("file={dir}/seed.iso,if=virtio,format=raw,readonly=on"))
+            // Named block nodes: the disk is mirrored (`disk0`) and
+            // exported over NBD by node name when it migrates.
+            .arg("-blockdev")
+            .arg(format!("driver=file,filename={disk},node-name=disk0-file,discard=unmap"))
+            .arg("-blockdev")
+            .arg("driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap")
+            .args(["-device", "virtio-blk-pci,drive=disk0"])
+            .arg("-blockdev")
+            .arg(format!("driver=file,filename={dir}/seed.iso,node-name=seed0-file,read-only=on"))
+            .arg("-blockdev")
+            .arg("driver=raw,file=seed0-file,node-name=seed0,read-only=on")
+            .args(["-device", "virtio-blk-pci,drive=seed0"])
             .args(["-nic", "user,model=virtio-net-pci"])
             .arg("-daemonize")
             .arg("-pidfile")
             .arg(format!("{dir}/qemu.pid"));
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
         run(&mut cmd).await.context("starting QEMU")?;
         if !self.is_running().await {
             bail!("QEMU exited right after starting");
@@ -319,6 +383,12 @@ impl QemuGuest {
     }
 
     pub async fn shutdown(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        // A paused guest (one that migrated away) cannot hear the button.
+        if let Ok(qmp) = self.qmp() {
+            if qmp.query_status().await.is_ok_and(|s| !s.running) {
+                return self.kill().await;
+            }
+        }
         if let Ok(qmp) = self.qmp() {
             if let Err(e) = qmp.system_powerdown().await {
                 tracing::warn!(error = %e, "ACPI power button");
@@ -336,7 +406,7 @@ impl QemuGuest {
     }
 
     /// Stop hard: QMP `quit`, then SIGKILL if QEMU is still there.
-    async fn kill(&mut self) -> anyhow::Result<()> {
+    pub(super) async fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(qmp) = self.qmp.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), qmp.quit()).await;
         }
@@ -362,12 +432,15 @@ impl QemuGuest {
         Ok(())
     }
 
-    pub async fn destroy(&mut self) -> anyhow::Result<()> {
+    /// Stop hard and remove the guest's state on this host; its disk on a
+    /// shared datastore goes too unless `keep_shared_disk` (another host
+    /// runs the guest from it now, or may).
+    pub async fn remove(&mut self, keep_shared_disk: bool) -> anyhow::Result<()> {
         self.kill().await?;
-        match tokio::fs::remove_dir_all(&self.dir).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        if self.shared_disk && !keep_shared_disk {
+            remove_if_present(tokio::fs::remove_file(&self.disk).await)?;
         }
+        remove_if_present(tokio::fs::remove_dir_all(&self.dir).await)
     }
 
     pub fn saved_reboots(&self) -> Option<u64> {
@@ -401,6 +474,25 @@ impl QemuGuest {
     }
 }
 
+/// How [`QemuGuest::prepare`] treats the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DiskSetup {
+    /// Use the disk there is, or create it from the image.
+    Keep,
+    /// A new overlay of the image, replacing any (a disk about to be
+    /// mirrored in from another host).
+    Fresh,
+    /// The disk must be there already (on a shared datastore).
+    Existing,
+}
+
+fn remove_if_present(r: std::io::Result<()>) -> anyhow::Result<()> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Thread ids of a process.
 fn threads(pid: i32) -> Vec<i32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -421,7 +513,7 @@ fn set_affinity(tid: i32, cpus: &[u32]) -> anyhow::Result<()> {
 }
 
 /// Run a command to completion; its stderr becomes the error.
-async fn run(cmd: &mut tokio::process::Command) -> anyhow::Result<()> {
+pub(super) async fn run(cmd: &mut tokio::process::Command) -> anyhow::Result<()> {
     let out = cmd.stdin(Stdio::null()).output().await?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());

@@ -1,7 +1,10 @@
 //! Hosts: registration, heartbeats, desired state and monitoring.
 //!
 //! A host is `ready` while heartbeats arrive, `down` once none came for
-//! [`App::down_after`], `disabled` when an operator took it out of placement.
+//! [`App::down_after`], `disabled` when an operator took it out of placement,
+//! `draining` while its VMs move away, `maintenance` once drained, and
+//! `standby` when power saving emptied it and switched it off (silence is
+//! expected then, so it is not `down`).
 //! Liveness lives in memory only: after a controller restart every host gets
 //! a fresh grace period instead of being declared down for the time the
 //! controller itself was away.
@@ -10,8 +13,8 @@ use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventor
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
-    HostState, HypervisorInfo, ImageRef, Millis, RegisterHost, RegisterHostResponse, Resources,
-    UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
+    HostState, HypervisorInfo, ImageRef, MigrationPhase, MigrationSpec, Millis, RegisterHost,
+    RegisterHostResponse, Resources, UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -43,12 +46,38 @@ pub struct HostRecord {
     pub cpu_model: String,
     pub labels: BTreeMap<String, String>,
     pub hypervisor: HypervisorInfo,
-    pub enabled: bool,
+    #[serde(default)]
+    pub datastore: Option<String>,
+    #[serde(default)]
+    pub mode: HostMode,
+    /// What a draining host becomes once empty.
+    #[serde(default = "maintenance")]
+    pub after_drain: HostMode,
+    /// Undrained with `return`: the VMs a drain took away come back.
+    #[serde(default)]
+    pub welcome_back: bool,
     /// Bumped with every change to what the host should run.
     pub generation: u64,
     pub token_sha256: String,
     pub agent_secret: String,
     pub created_at: Millis,
+}
+
+/// What an operator (or power saving) made of a host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostMode {
+    /// Takes VMs.
+    #[default]
+    Active,
+    Disabled,
+    Draining,
+    Maintenance,
+    Standby,
+}
+
+fn maintenance() -> HostMode {
+    HostMode::Maintenance
 }
 
 /// What is known of a host only while the controller runs.
@@ -81,14 +110,16 @@ impl HostEntry {
         }
     }
 
-    /// `down` shows through `disabled`: a silent host is news either way.
+    /// `down` shows through the operator's modes (a silent host is news
+    /// either way), except `standby`, where silence is the point.
     pub fn state(&self) -> HostState {
-        if self.live.down {
-            HostState::Down
-        } else if !self.rec.enabled {
-            HostState::Disabled
-        } else {
-            HostState::Ready
+        match self.rec.mode {
+            HostMode::Standby => HostState::Standby,
+            _ if self.live.down => HostState::Down,
+            HostMode::Active => HostState::Ready,
+            HostMode::Disabled => HostState::Disabled,
+            HostMode::Draining => HostState::Draining,
+            HostMode::Maintenance => HostState::Maintenance,
         }
     }
 }
@@ -126,6 +157,7 @@ impl Inventory {
             memory_overcommit: h.rec.memory_overcommit,
             cpu_model: h.rec.cpu_model.clone(),
             labels: h.rec.labels.clone(),
+            datastore: h.rec.datastore.clone(),
             allocated,
             hypervisor: h.rec.hypervisor.clone(),
             load: h.live.load,
@@ -137,13 +169,34 @@ impl Inventory {
         }
     }
 
-    /// The host's whole desired state: every VM placed on it except those
-    /// being deleted.
+    /// The host's whole desired state: every VM placed on it (those being
+    /// deleted marked so), with its side of any migration, and the VMs
+    /// migrating to it.
     pub fn desired_state(&self, h: &HostRecord) -> DesiredState {
-        let vms = self
-            .vms_on(h.id)
-            .filter(|v| v.state != VmState::Deleting)
-            .filter_map(|v| {
+        let outgoing = self.vms_on(h.id).map(|v| {
+            let migration = v.migration.as_ref().and_then(|m| {
+                Some(MigrationSpec::Outgoing {
+                    id: m.id,
+                    storage: m.storage,
+                    uri: m.uri.clone()?,
+                    nbd: m.nbd.clone(),
+                    downtime_limit_ms: m.downtime_limit_ms,
+                    cancel: m.phase == MigrationPhase::Cancelling,
+                })
+            });
+            (v, v.cores.clone(), migration)
+        });
+        let incoming = self.vms_incoming(h.id).filter_map(|v| {
+            let m = v.migration.as_ref()?;
+            let spec = MigrationSpec::Incoming {
+                id: m.id,
+                storage: m.storage,
+            };
+            Some((v, m.target_cores.clone(), Some(spec)))
+        });
+        let vms = outgoing
+            .chain(incoming)
+            .filter_map(|(v, cores, migration)| {
                 let image = self.images.values().find(|i| i.id == v.image_id)?;
                 Some(VmSpec {
                     id: v.id,
@@ -157,7 +210,9 @@ impl Inventory {
                     },
                     power: v.power,
                     reboots: v.reboots,
-                    cores: v.cores.clone(),
+                    cores,
+                    delete: v.state == VmState::Deleting,
+                    migration,
                 })
             })
             .collect();
@@ -248,7 +303,12 @@ impl App {
             cpu_model: req.cpu_model,
             labels: req.labels,
             hypervisor: req.hypervisor,
-            enabled: existing.as_ref().is_none_or(|o| o.enabled),
+            datastore: req.datastore,
+            mode: existing.as_ref().map_or(HostMode::Active, |o| o.mode),
+            after_drain: existing
+                .as_ref()
+                .map_or(HostMode::Maintenance, |o| o.after_drain),
+            welcome_back: existing.as_ref().is_some_and(|o| o.welcome_back),
             generation: existing.as_ref().map_or(1, |o| o.generation),
             token_sha256: sha256_hex(&token),
             agent_secret: req.agent_secret,
@@ -367,10 +427,15 @@ impl App {
 
     pub async fn host_set_enabled(&self, name: &str, enabled: bool) -> Result<Host> {
         self.host_change(name, |rec| {
-            if rec.enabled == enabled {
+            let mode = if enabled {
+                HostMode::Active
+            } else {
+                HostMode::Disabled
+            };
+            if rec.mode == mode {
                 return None;
             }
-            rec.enabled = enabled;
+            rec.mode = mode;
             Some(if enabled {
                 ("host.enabled", "host enabled: takes new VMs".into())
             } else {

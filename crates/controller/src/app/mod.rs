@@ -7,17 +7,19 @@
 //! from the store, so a controller killed at any moment comes back with every
 //! host and VM it had committed.
 
+pub mod drains;
 pub mod events;
 pub mod groups;
 pub mod hosts;
 pub mod images;
 pub mod join_tokens;
+pub mod migrations;
 pub mod vms;
 pub mod zones;
 
 use crate::error::Result;
 use crate::Config;
-use kumo_api::{Event, Group, Image, Millis, Resources, Vm, Zone};
+use kumo_api::{Event, Group, Image, MigrationProgress, Millis, Resources, Vm, Zone};
 use kumo_store::{Op, SqliteStore, Store};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -60,7 +62,14 @@ pub const RECENT_EVENTS: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct Placed {
     names: BTreeSet<String>,
+    /// VMs migrating to the host (their room is reserved here too).
+    incoming: BTreeSet<String>,
     allocated: Resources,
+}
+
+/// The scheduler's key for the room a migrating VM holds on its target.
+pub fn migration_key(vm: &str) -> String {
+    format!("{vm} (migrating)")
 }
 
 impl Inventory {
@@ -82,6 +91,20 @@ impl Inventory {
         let placed = self.placed.entry(vm.host_id).or_default();
         placed.names.insert(vm.name.clone());
         placed.allocated = placed.allocated.add(&vm.size);
+        if let Some(m) = &vm.migration {
+            if let Err(e) = self.cluster.add(
+                &migration_key(&vm.name),
+                &m.target,
+                vm.size,
+                m.target_cores.clone(),
+                vm.groups.clone(),
+            ) {
+                tracing::error!(vm = %vm.name, error = %e, "migration reservation does not fit its target");
+            }
+            let target = self.placed.entry(m.target_id).or_default();
+            target.incoming.insert(vm.name.clone());
+            target.allocated = target.allocated.add(&vm.size);
+        }
         self.vm_names.insert(vm.id, vm.name.clone());
         self.vms.insert(vm.name.clone(), vm);
     }
@@ -92,6 +115,13 @@ impl Inventory {
         if let Some(placed) = self.placed.get_mut(&vm.host_id) {
             placed.names.remove(name);
             placed.allocated = placed.allocated.saturating_sub(&vm.size);
+        }
+        if let Some(m) = &vm.migration {
+            self.cluster.release(&migration_key(name));
+            if let Some(target) = self.placed.get_mut(&m.target_id) {
+                target.incoming.remove(name);
+                target.allocated = target.allocated.saturating_sub(&vm.size);
+            }
         }
         self.vm_names.remove(&vm.id);
         Some(vm)
@@ -106,12 +136,22 @@ impl Inventory {
             .filter_map(|name| self.vms.get(name))
     }
 
-    /// Sum of the sizes of the VMs on a host, and how many there are.
+    /// The VMs migrating to a host.
+    pub fn vms_incoming(&self, host: Uuid) -> impl Iterator<Item = &Vm> {
+        self.placed
+            .get(&host)
+            .into_iter()
+            .flat_map(|p| p.incoming.iter())
+            .filter_map(|name| self.vms.get(name))
+    }
+
+    /// Sum of the sizes of the VMs on a host (and migrating to it), and how
+    /// many there are.
     pub fn allocated(&self, host: Uuid) -> (Resources, u32) {
         self.placed
             .get(&host)
             .map_or((Resources::default(), 0), |p| {
-                (p.allocated, p.names.len() as u32)
+                (p.allocated, (p.names.len() + p.incoming.len()) as u32)
             })
     }
 
@@ -119,6 +159,17 @@ impl Inventory {
     pub fn set_cpu_percent(&mut self, id: Uuid, cpu: Option<f32>) {
         if let Some(vm) = self.vm_names.get(&id).and_then(|n| self.vms.get_mut(n)) {
             vm.cpu_percent = cpu;
+        }
+    }
+
+    pub fn vm_name(&self, id: Uuid) -> Option<&str> {
+        self.vm_names.get(&id).map(String::as_str)
+    }
+
+    /// Record a migration's transfer figures (kept in memory only).
+    pub fn set_migration_progress(&mut self, name: &str, progress: MigrationProgress) {
+        if let Some(m) = self.vms.get_mut(name).and_then(|v| v.migration.as_mut()) {
+            m.progress = Some(progress);
         }
     }
 

@@ -22,28 +22,30 @@
 //!
 //!   any state --delete--> deleting --host confirms it is gone--> (removed)
 //!   any state --host down--> unknown --host back--> derived again
+//!   running --migrate--> migrating --done, failed or cancelled--> running
 //! ```
 //!
 //! A guest that powers itself off is taken at its word: its desired power
 //! becomes stopped. A start after a failure bumps the reboot count, which
 //! tells the host to try again; reports older than that count are ignored.
 //!
-//! A VM is placed on exactly one host when it is created and stays there; the
-//! host's desired state (bumped generation) is committed in the same store
-//! transaction as the VM, so a controller killed in between loses nothing.
+//! A VM lives on exactly one host; only a completed live migration (see
+//! [`super::migrations`]) moves it. The host's desired state (bumped
+//! generation) is committed in the same store transaction as the VM, so a
+//! controller killed in between loses nothing.
 
-use super::{hosts, lookup, now_ms, App, Batch, Inventory};
+use super::{hosts, lookup, migrations, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, CapacityQuery, CapacityReport, ConsoleLog, CpuPolicy, CreateVm,
     ErrorCode, ObservedState, PowerState, Resources, Vm, VmState, VmStatus, DEFAULT_PROJECT,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
 
 pub const PREFIX: &str = "vms/";
 
-fn key(name: &str) -> String {
+pub(super) fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
 }
 
@@ -107,8 +109,28 @@ fn parse_expr(field: &str, src: &Option<String>) -> Result<Option<kumo_sched::ex
         .transpose()
 }
 
+/// The VM as the store keeps it: measurements stay in memory.
+pub(super) fn record(vm: &Vm) -> Vm {
+    Vm {
+        cpu_percent: None,
+        migration: vm.migration.clone().map(|m| kumo_api::Migration {
+            progress: None,
+            ..m
+        }),
+        ..vm.clone()
+    }
+}
+
 /// The state users see, from the desired power state and the host's report.
-fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>) {
+pub(super) fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>) {
+    let (state, message) = derive_power_state(vm, status);
+    if state == VmState::Running && vm.migration.is_some() {
+        return (VmState::Migrating, message);
+    }
+    (state, message)
+}
+
+fn derive_power_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>) {
     if vm.state == VmState::Deleting {
         return (VmState::Deleting, None);
     }
@@ -129,20 +151,24 @@ fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>)
             _ => (VmState::Starting, None),
         },
         PowerState::Stopped => match status.state {
-            ObservedState::Running | ObservedState::Stopping | ObservedState::Starting => {
-                (VmState::Stopping, None)
-            }
+            ObservedState::Running
+            | ObservedState::Stopping
+            | ObservedState::Starting
+            | ObservedState::Incoming => (VmState::Stopping, None),
             ObservedState::Stopped | ObservedState::Failed => (VmState::Stopped, None),
         },
     }
 }
 
-/// Work out what a heartbeat changes: VMs whose state moved (to store), and
-/// deleted VMs the host confirms gone (to remove).
+/// Work out what a heartbeat changes: VMs whose state moved (to store),
+/// deleted VMs the host confirms gone (to remove), and hosts whose desired
+/// state changed with them.
+#[derive(Default)]
 pub(super) struct Reported {
-    changed: Vec<Vm>,
-    removed: Vec<String>,
-    host_generation: Option<u64>,
+    pub changed: Vec<Vm>,
+    pub removed: Vec<String>,
+    pub bump: BTreeSet<Uuid>,
+    pub hosts: Vec<hosts::HostRecord>,
 }
 
 pub(super) fn reconcile_reported(
@@ -155,14 +181,27 @@ pub(super) fn reconcile_reported(
     // The host runs what we last asked for. (An agent ahead of us applied
     // the state of a removed host of the same name: not caught up.)
     let caught_up = applied == host.generation;
-    let mut out = Reported {
-        changed: Vec::new(),
-        removed: Vec::new(),
-        host_generation: None,
-    };
+    let mut out = Reported::default();
     let statuses: HashMap<Uuid, &VmStatus> = statuses.iter().map(|s| (s.id, s)).collect();
+    for vm in inv.vms_incoming(host.id) {
+        migrations::step(
+            inv,
+            vm,
+            host.id,
+            statuses.get(&vm.id).copied(),
+            &mut out,
+            batch,
+        );
+    }
     for vm in inv.vms_on(host.id) {
         let status = statuses.get(&vm.id).copied();
+        if vm.migration.is_some() || vm.last_migration.is_some() {
+            let before = out.changed.len();
+            migrations::step(inv, vm, host.id, status, &mut out, batch);
+            if out.changed.len() > before {
+                continue;
+            }
+        }
         if vm.state == VmState::Deleting {
             if caught_up && status.is_none() {
                 batch.delete(key(&vm.name));
@@ -186,7 +225,7 @@ pub(super) fn reconcile_reported(
             && status.is_some_and(|s| s.state == ObservedState::Stopped && s.reboots >= vm.reboots)
         {
             next.power = PowerState::Stopped;
-            out.host_generation = Some(host.generation + 1);
+            out.bump.insert(host.id);
         }
         let (state, message) = derive_state(&next, status);
         next.state = state;
@@ -202,24 +241,15 @@ pub(super) fn reconcile_reported(
                 &vm.project,
                 detail,
             );
-            batch.put(
-                key(&vm.name),
-                &Vm {
-                    cpu_percent: None,
-                    ..next.clone()
-                },
-            );
+            batch.put(key(&vm.name), &record(&next));
             out.changed.push(next);
         }
     }
-    if let Some(generation) = out.host_generation {
-        batch.put(
-            hosts::key(&host.name),
-            &hosts::HostRecord {
-                generation,
-                ..host.clone()
-            },
-        );
+    for id in std::mem::take(&mut out.bump) {
+        match bump_generation(inv, id, batch) {
+            Ok(rec) => out.hosts.push(rec),
+            Err(e) => tracing::error!(error = %e, "bumping a host's generation"),
+        }
     }
     out
 }
@@ -241,10 +271,9 @@ impl App {
         for s in statuses {
             inv.set_cpu_percent(s.id, s.cpu_percent);
         }
-        if let Some(generation) = reported.host_generation {
-            let entry = inv.hosts.get_mut(host).expect("host present");
-            entry.rec.generation = generation;
-            self.publish_generation(entry.rec.id, generation);
+        migrations::record_progress(inv, host, statuses);
+        for rec in reported.hosts {
+            self.install_host(inv, rec);
         }
     }
 }
@@ -282,7 +311,11 @@ pub(super) fn mark_unknown(
 }
 
 /// The VM's host record with its generation bumped, put into the batch.
-fn bump_generation(inv: &Inventory, host_id: Uuid, batch: &mut Batch) -> Result<hosts::HostRecord> {
+pub(super) fn bump_generation(
+    inv: &Inventory,
+    host_id: Uuid,
+    batch: &mut Batch,
+) -> Result<hosts::HostRecord> {
     let entry = inv.host_by_id(host_id).ok_or_else(|| {
         crate::Error::internal(format!("VM host {host_id} missing from inventory"))
     })?;
@@ -390,6 +423,9 @@ impl App {
             requirements: req.requirements,
             rank: req.rank,
             groups: req.groups,
+            migration: None,
+            last_migration: None,
+            evacuated_from: None,
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
@@ -419,7 +455,7 @@ impl App {
         Ok(vm)
     }
 
-    fn install_host(&self, inv: &mut Inventory, rec: hosts::HostRecord) {
+    pub(super) fn install_host(&self, inv: &mut Inventory, rec: hosts::HostRecord) {
         let (id, generation) = (rec.id, rec.generation);
         let name = rec.name.clone();
         inv.hosts.get_mut(&name).expect("host present").rec = rec;
@@ -442,15 +478,19 @@ impl App {
             )
             .into());
         }
+        if let Some(m) = &vm.migration {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "VM {name:?} is migrating from {} to {}; wait for it or cancel it (`kumo vm migrate {name} --cancel`)",
+                    m.source, m.target
+                ),
+            )
+            .into());
+        }
         change(&mut vm)?;
         let mut batch = Batch::default();
-        batch.put(
-            key(name),
-            &Vm {
-                cpu_percent: None,
-                ..vm.clone()
-            },
-        );
+        batch.put(key(name), &record(&vm));
         let rec = bump_generation(&inv, vm.host_id, &mut batch)?;
         batch.event(
             &format!("vm.{verb}"),
@@ -624,6 +664,9 @@ mod tests {
             requirements: None,
             rank: None,
             groups: Vec::new(),
+            migration: None,
+            last_migration: None,
+            evacuated_from: None,
             created_at: 0,
         }
     }
@@ -635,6 +678,7 @@ mod tests {
             reboots,
             cpu_percent: None,
             message: Some("boom".into()),
+            migration: None,
         }
     }
 

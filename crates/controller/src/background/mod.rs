@@ -15,6 +15,12 @@ pub fn spawn(app: &Arc<App>) {
             if let Err(e) = monitor.host_check_liveness().await {
                 tracing::warn!(error = %e, "host monitor");
             }
+            if let Err(e) = monitor.migrations_check().await {
+                tracing::warn!(error = %e, "migration monitor");
+            }
+            if let Err(e) = monitor.move_vms().await {
+                tracing::warn!(error = %e, "mover");
+            }
         }
     }));
 }

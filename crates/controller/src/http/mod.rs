@@ -57,6 +57,7 @@ fn unauthorized(msg: &str) -> ApiError {
         join_tokens::list, join_tokens::create,
         images::list, images::import, images::show, images::delete, images::data,
         vms::list, vms::create, vms::show, vms::delete, vms::start, vms::stop, vms::reboot,
+        vms::migrate, vms::migrate_cancel,
         vms::console_log, vms::console,
         events::list,
         groups::list, groups::create, groups::show, groups::delete,

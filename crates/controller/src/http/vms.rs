@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, ConsoleLog, CreateVm, ErrorCode, Vm};
+use kumo_api::{ApiError, ConsoleLog, CreateVm, ErrorCode, MigrateVm, Vm};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
@@ -16,6 +16,8 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
         .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/reboot", post(reboot))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migrate/cancel", post(migrate_cancel))
         .route("/v1/vms/{name}/console/log", get(console_log))
         .route("/v1/vms/{name}/console", get(console))
 }
@@ -72,6 +74,35 @@ pub async fn stop(state: AppState, Path(name): Path<String>) -> Result<(StatusCo
     responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn reboot(state: AppState, Path(name): Path<String>) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::ACCEPTED, Json(state.vm_reboot(&name).await?)))
+}
+
+/// Move a running VM live to another host (the scheduler chooses unless
+/// `to` names one). Follow `migration` on the VM; `last_migration` says how
+/// it ended.
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = MigrateVm,
+    responses((status = 202, body = Vm), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn migrate(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<MigrateVm>,
+) -> Result<(StatusCode, Json<Vm>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.vm_migrate(&name, req).await?),
+    ))
+}
+
+/// Cancel a VM's migration: it keeps running where it was.
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate/cancel", params(("name" = String, Path)),
+    responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn migrate_cancel(
+    state: AppState,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Vm>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.vm_migrate_cancel(&name).await?),
+    ))
 }
 
 /// What the guest has written to its serial console.

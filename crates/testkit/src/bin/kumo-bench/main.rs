@@ -9,7 +9,11 @@
 //! * `sched`: the scheduler alone: placements per second and decision
 //!   latency, and packing quality on a churn stream against first-fit and
 //!   best-fit.
+//! * `rebalance`: the rebalancing planner on a large cluster with skewed
+//!   load against the naive baseline (planning time, imbalance, overloaded
+//!   hosts, moves), and power-saving consolidation on a quiet one.
 
+mod rebalance;
 mod sched;
 
 use anyhow::{bail, Context, Result};
@@ -64,6 +68,19 @@ enum Bench {
         #[arg(long, default_value_t = 11)]
         seed: u64,
     },
+    /// Rebalancing against the naive baseline, and consolidation.
+    Rebalance {
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20_000)]
+        vms: usize,
+        /// Seed of the VM shapes and the load.
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
+        /// Moves per plan for the comparison (generous: the whole job at once).
+        #[arg(long, default_value_t = 500)]
+        max_moves: usize,
+    },
 }
 
 #[tokio::main]
@@ -91,6 +108,16 @@ async fn main() -> Result<()> {
             }
             println!("packing on a churn stream of {events} events:");
             sched::packing(events, seed);
+            Ok(())
+        }
+        Bench::Rebalance {
+            hosts,
+            vms,
+            seed,
+            max_moves,
+        } => {
+            rebalance::rebalance(hosts, vms, seed, max_moves);
+            rebalance::consolidation(hosts, vms, seed);
             Ok(())
         }
     }

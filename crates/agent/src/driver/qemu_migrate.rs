@@ -1,0 +1,461 @@
+//! Live migration of real guests, QEMU to QEMU.
+//!
+//! Target: a QEMU with the same devices starts with `-incoming defer` and
+//! listens (`migrate-incoming tcp:IP:0`); for local storage it first gets a
+//! fresh overlay of the image and exports it writable over NBD. Source: for
+//! local storage `drive-mirror` (sync `top`: only what the guest wrote, the
+//! image is on both hosts; `write-blocking`, so the copy stays in step once
+//! ready) copies the disk into that export; then `migrate` sends memory,
+//! with auto-converge for busy guests and the downtime limit asked for. The
+//! target resumes the guest itself when the last copy lands, so the guest's
+//! pause never waits for the control plane.
+//!
+//! Both sides keep a note in the VM's directory (`incoming.json`,
+//! `outgoing`), so a restarted agent picks up a migration QEMU is still
+//! carrying out instead of starting another.
+
+use super::qemu::{DiskSetup, QemuGuest};
+use crate::Shared;
+use anyhow::Context;
+use kumo_api::{MigrationProgress, MigrationState, MigrationStatus, MigrationStorage, VmSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const INCOMING: &str = "incoming.json";
+const OUTGOING: &str = "outgoing";
+const MIRROR_JOB: &str = "mirror0";
+/// How often the source looks at the transfer.
+const POLL: Duration = Duration::from_millis(50);
+/// QEMU's bandwidth cap for the transfer, bytes/s (its default, 128 MiB/s,
+/// would make every migration wait on it).
+const MAX_BANDWIDTH: u64 = 10 << 30;
+
+/// What the source notes of a migration it sends: which one, and once it
+/// ended, how (a restarted agent, or the next look, reports the same).
+#[derive(Debug, Serialize, Deserialize)]
+struct OutgoingNote {
+    id: Uuid,
+    result: Option<MigrationStatus>,
+}
+
+/// What the target notes of a migration it waits for.
+#[derive(Debug, Serialize, Deserialize)]
+struct IncomingNote {
+    id: Uuid,
+    uri: String,
+    nbd: Option<String>,
+}
+
+/// One side's view of a migration, for the VM's status.
+pub fn status(id: Uuid, state: MigrationState) -> MigrationStatus {
+    MigrationStatus {
+        id,
+        state,
+        uri: None,
+        nbd: None,
+        progress: None,
+        event_us: None,
+        qemu_downtime_ms: None,
+        message: None,
+    }
+}
+
+fn failed(id: Uuid, e: anyhow::Error) -> MigrationStatus {
+    MigrationStatus {
+        message: Some(format!("{e:#}")),
+        ..status(id, MigrationState::Failed)
+    }
+}
+
+/// Microseconds since the epoch of a QMP event.
+fn event_us(e: &kumo_qmp::QmpEvent) -> Option<u64> {
+    let t = e.timestamp.to_system_time()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as u64)
+}
+
+/// A free TCP port on `ip` (for the NBD server, which cannot report the
+/// one it picks).
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+impl QemuGuest {
+    /// The time of the newest `name` event QEMU sent since the last look.
+    fn last_event(&mut self, name: &str) -> Option<u64> {
+        let events = self.events.as_mut()?;
+        let mut found = None;
+        loop {
+            match events.try_recv() {
+                Ok(e) if e.event == name => found = event_us(&e),
+                Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return found,
+            }
+        }
+    }
+
+    fn read_note<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Option<T> {
+        serde_json::from_slice(&std::fs::read(self.path(name)).ok()?).ok()
+    }
+
+    fn write_note<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
+        crate::ledger::write_atomic(&self.dir, name, &serde_json::to_vec(value)?)
+    }
+
+    /// Target: start (or find) the QEMU waiting for the guest, and say
+    /// where the migration stands.
+    pub async fn incoming(
+        &mut self,
+        shared: &Shared,
+        spec: &VmSpec,
+        id: Uuid,
+        storage: MigrationStorage,
+        ip: &str,
+    ) -> MigrationStatus {
+        let note = self
+            .read_note::<IncomingNote>(INCOMING)
+            .filter(|n| n.id == id);
+        let running = self.is_running().await;
+        match (note, running) {
+            (Some(note), true) => {
+                let qmp = match self.qmp() {
+                    Ok(q) => q.clone(),
+                    Err(e) => return failed(id, e),
+                };
+                match qmp.query_status().await {
+                    Ok(s) if s.running => MigrationStatus {
+                        event_us: self.resumed_us(),
+                        ..status(id, MigrationState::Completed)
+                    },
+                    // Still receiving (a failed transfer makes QEMU exit).
+                    _ => MigrationStatus {
+                        uri: Some(note.uri),
+                        nbd: note.nbd,
+                        ..status(id, MigrationState::Listening)
+                    },
+                }
+            }
+            (Some(_), false) => failed(
+                id,
+                anyhow::anyhow!("the QEMU waiting for the guest exited (the transfer broke off)"),
+            ),
+            (None, running) => {
+                if running {
+                    // A QEMU from an earlier attempt.
+                    let _ = self.kill().await;
+                }
+                match self.listen(shared, spec, id, storage, ip).await {
+                    Ok(note) => MigrationStatus {
+                        uri: Some(note.uri),
+                        nbd: note.nbd,
+                        ..status(id, MigrationState::Listening)
+                    },
+                    Err(e) => {
+                        let _ = self.kill().await;
+                        failed(id, e.context("preparing to receive the guest"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the guest resumed here, kept once seen.
+    fn resumed_us(&mut self) -> Option<u64> {
+        if let Some(t) = self.last_event("RESUME") {
+            let _ = std::fs::write(self.path("resumed_us"), t.to_string());
+            return Some(t);
+        }
+        std::fs::read_to_string(self.path("resumed_us"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    async fn listen(
+        &mut self,
+        shared: &Shared,
+        spec: &VmSpec,
+        id: Uuid,
+        storage: MigrationStorage,
+        ip: &str,
+    ) -> anyhow::Result<IncomingNote> {
+        let setup = match storage {
+            MigrationStorage::Shared => DiskSetup::Existing,
+            MigrationStorage::Local => DiskSetup::Fresh,
+        };
+        self.prepare(shared, spec, setup).await?;
+        let _ = std::fs::remove_file(self.path("resumed_us"));
+        self.launch(spec, true).await?;
+        let qmp = self.qmp()?;
+        let nbd = match storage {
+            MigrationStorage::Shared => None,
+            MigrationStorage::Local => {
+                let port = free_port(ip)?;
+                qmp.execute(
+                    "nbd-server-start",
+                    Some(json!({"addr": {"type": "inet", "data": {"host": ip, "port": port.to_string()}}})),
+                )
+                .await
+                .context("starting the NBD server")?;
+                qmp.execute(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": "disk0", "node-name": "disk0", "name": "disk0", "writable": true})),
+                )
+                .await
+                .context("exporting the disk")?;
+                Some(format!("nbd:{ip}:{port}:exportname=disk0"))
+            }
+        };
+        qmp.execute(
+            "migrate-incoming",
+            Some(json!({"uri": format!("tcp:{ip}:0")})),
+        )
+        .await
+        .context("migrate-incoming")?;
+        let q = qmp.execute("query-migrate", None).await?;
+        let port = q["socket-address"][0]["port"]
+            .as_str()
+            .context("QEMU did not say where it listens")?;
+        let note = IncomingNote {
+            id,
+            uri: format!("tcp:{ip}:{port}"),
+            nbd,
+        };
+        self.write_note(INCOMING, &note)?;
+        tracing::info!(dir = %self.dir.display(), uri = %note.uri, "waiting for a guest migrating in");
+        Ok(note)
+    }
+
+    /// Target, once the guest is its own: stop exporting the disk.
+    pub async fn finish_incoming(&mut self) {
+        if !self.path(INCOMING).exists() {
+            return;
+        }
+        if let Ok(qmp) = self.qmp() {
+            let _ = qmp.execute("nbd-server-stop", None).await;
+        }
+        let _ = std::fs::remove_file(self.path(INCOMING));
+    }
+
+    /// Source: send the guest (or follow a transfer QEMU is already
+    /// carrying out), reporting progress, until it completed, failed or was
+    /// cancelled. The guest keeps running here unless it completed.
+    pub async fn outgoing(
+        &mut self,
+        out: &Outgoing<'_>,
+        report: &(dyn Fn(MigrationStatus) + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> MigrationStatus {
+        let note = self
+            .read_note::<OutgoingNote>(OUTGOING)
+            .filter(|n| n.id == out.id);
+        if let Some(result) = note.as_ref().and_then(|n| n.result.clone()) {
+            return result;
+        }
+        let result = match self.send(out, note.is_some(), report, cancelled).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Ok(qmp) = self.qmp() {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    let _ = qmp
+                        .execute(
+                            "block-job-cancel",
+                            Some(json!({"device": MIRROR_JOB, "force": true})),
+                        )
+                        .await;
+                }
+                failed(out.id, e)
+            }
+        };
+        let note = OutgoingNote {
+            id: out.id,
+            result: Some(result.clone()),
+        };
+        if let Err(e) = self.write_note(OUTGOING, &note) {
+            tracing::warn!(error = %e, "noting how the migration ended");
+        }
+        result
+    }
+
+    /// `ours`: this migration was started here before (by an agent that
+    /// may have died since).
+    async fn send(
+        &mut self,
+        out: &Outgoing<'_>,
+        ours: bool,
+        report: &(dyn Fn(MigrationStatus) + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<MigrationStatus> {
+        let started = Instant::now();
+        let qmp = self.qmp()?.clone();
+        let state = qmp.execute("query-migrate", None).await?;
+        let sending = ours && state.get("status").is_some();
+        if !sending {
+            if cancelled() {
+                return Ok(status(out.id, MigrationState::Cancelled));
+            }
+            self.write_note(
+                OUTGOING,
+                &OutgoingNote {
+                    id: out.id,
+                    result: None,
+                },
+            )?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "auto-converge", "state": true}]})),
+            )
+            .await?;
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({"downtime-limit": out.downtime_limit_ms, "max-bandwidth": MAX_BANDWIDTH})),
+            )
+            .await?;
+            if let Some(nbd) = out.nbd {
+                if let Some(s) = self.mirror_disk(&qmp, out, nbd, report, cancelled).await? {
+                    return Ok(s);
+                }
+            }
+            // Drop old events: the STOP that counts comes with this transfer.
+            let _ = self.last_event("STOP");
+            qmp.execute("migrate", Some(json!({"uri": out.uri})))
+                .await
+                .context("migrate")?;
+            tracing::info!(dir = %self.dir.display(), uri = out.uri, "sending the guest");
+        }
+        let mut asked_cancel = false;
+        loop {
+            let q = qmp.execute("query-migrate", None).await?;
+            let progress = progress(&q, None, started);
+            match q["status"].as_str().unwrap_or("none") {
+                "completed" => {
+                    if out.nbd.is_some() {
+                        // In step and idle (the guest is paused): finishing
+                        // the job leaves the target's copy whole.
+                        let _ = qmp
+                            .execute("block-job-cancel", Some(json!({"device": MIRROR_JOB})))
+                            .await;
+                    }
+                    return Ok(MigrationStatus {
+                        progress: Some(progress),
+                        event_us: self.last_event("STOP"),
+                        qemu_downtime_ms: q["downtime"].as_u64(),
+                        ..status(out.id, MigrationState::Completed)
+                    });
+                }
+                "failed" => {
+                    anyhow::bail!(
+                        "QEMU: {}",
+                        q["error-desc"].as_str().unwrap_or("the transfer failed")
+                    )
+                }
+                "cancelled" => {
+                    let _ = qmp
+                        .execute(
+                            "block-job-cancel",
+                            Some(json!({"device": MIRROR_JOB, "force": true})),
+                        )
+                        .await;
+                    return Ok(status(out.id, MigrationState::Cancelled));
+                }
+                "none" => anyhow::bail!("QEMU has no transfer under way"),
+                _ => {}
+            }
+            if cancelled() && !asked_cancel {
+                tracing::info!(dir = %self.dir.display(), "cancelling the transfer");
+                qmp.execute("migrate_cancel", None).await?;
+                asked_cancel = true;
+            }
+            report(MigrationStatus {
+                progress: Some(progress),
+                ..status(out.id, MigrationState::Active)
+            });
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Copy the disk into the target's export until the copy keeps in
+    /// step; `Some` if the migration ended here (cancelled).
+    async fn mirror_disk(
+        &mut self,
+        qmp: &kumo_qmp::Qmp,
+        out: &Outgoing<'_>,
+        nbd: &str,
+        report: &(dyn Fn(MigrationStatus) + Sync),
+        cancelled: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<Option<MigrationStatus>> {
+        let started = Instant::now();
+        if find_job(&qmp.execute("query-block-jobs", None).await?).is_none() {
+            qmp.execute(
+                "drive-mirror",
+                Some(json!({
+                    "job-id": MIRROR_JOB, "device": "disk0", "target": nbd, "format": "raw",
+                    "sync": "top", "mode": "existing", "copy-mode": "write-blocking",
+                })),
+            )
+            .await
+            .context("mirroring the disk")?;
+        }
+        loop {
+            let jobs = qmp.execute("query-block-jobs", None).await?;
+            let job = find_job(&jobs).context("the disk mirror stopped before it was in step")?;
+            let done = (
+                job["offset"].as_u64().unwrap_or(0),
+                job["len"].as_u64().unwrap_or(0),
+            );
+            if job["ready"].as_bool() == Some(true) {
+                return Ok(None);
+            }
+            if cancelled() {
+                qmp.execute(
+                    "block-job-cancel",
+                    Some(json!({"device": MIRROR_JOB, "force": true})),
+                )
+                .await?;
+                return Ok(Some(status(out.id, MigrationState::Cancelled)));
+            }
+            report(MigrationStatus {
+                progress: Some(progress(&Value::Null, Some(done), started)),
+                ..status(out.id, MigrationState::Active)
+            });
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// What the source needs to send the guest.
+pub struct Outgoing<'a> {
+    pub id: Uuid,
+    pub uri: &'a str,
+    pub nbd: Option<&'a str>,
+    pub downtime_limit_ms: u64,
+}
+
+fn find_job(jobs: &Value) -> Option<&Value> {
+    jobs.as_array()?.iter().find(|j| j["device"] == MIRROR_JOB)
+}
+
+/// Transfer figures from `query-migrate` (or, while the disk is copied,
+/// the mirror job's offset and length).
+fn progress(q: &Value, disk: Option<(u64, u64)>, started: Instant) -> MigrationProgress {
+    let ram = &q["ram"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (disk_done_bytes, disk_total_bytes) = disk.unwrap_or_default();
+    MigrationProgress {
+        stage: if disk.is_some() { "disk" } else { "memory" }.into(),
+        disk_total_bytes,
+        disk_done_bytes,
+        memory_total_bytes: n(&ram["total"]),
+        memory_transferred_bytes: n(&ram["transferred"]),
+        memory_remaining_bytes: n(&ram["remaining"]),
+        dirty_rate_bytes: n(&ram["dirty-pages-rate"]) * n(&ram["page-size"]).max(1),
+        passes: n(&ram["dirty-sync-count"]),
+        cpu_throttle_percent: n(&q["cpu-throttle-percentage"]),
+        elapsed_ms: q["total-time"]
+            .as_u64()
+            .unwrap_or(started.elapsed().as_millis() as u64),
+    }
+}
