@@ -200,10 +200,19 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             _ = shared.report_now.notified() => {}
         }
         let applied = shared.applied.lock().await.generation;
+        let vms = vm::statuses(&shared).await;
+        // Simulated hosts report their guests' simulated load, not the
+        // machine's they share.
+        let load = match shared.driver {
+            crate::driver::Driver::Sim(_) => {
+                crate::driver::sim::host_load(&vms, shared.controller.register.capacity.vcpus)
+            }
+            _ => meter.sample(),
+        };
         let hb = Heartbeat {
-            load: meter.sample(),
+            load,
             applied_generation: applied,
-            vms: vm::statuses(&shared).await,
+            vms,
         };
         let c = &shared.controller;
         let req = c

@@ -208,7 +208,11 @@ async fn run(
                 actor.keep_shared_disk = *storage == MigrationStorage::Shared;
                 actor.send(&spec, &rx).await;
             }
-            None => actor.guest.finish_incoming().await,
+            None => {
+                if let Some(done) = actor.guest.finish_incoming().await {
+                    actor.report_migration(done, true);
+                }
+            }
         }
         actor.converge(&spec).await;
         tokio::select! {
@@ -390,6 +394,6 @@ impl Actor {
                 tracing::warn!(vm = %spec.name, error = %format!("{e:#}"), "pinning");
             }
         }
-        self.status.lock().expect("lock").cpu_percent = self.guest.cpu_percent();
+        self.status.lock().expect("lock").cpu_percent = self.guest.cpu_percent(spec);
     }
 }

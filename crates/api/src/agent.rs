@@ -150,6 +150,9 @@ pub struct VmSpec {
     pub delete: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationSpec>,
+    /// The VM's metadata (the simulated driver reads `sim.cpu_percent`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// The host's part in a live migration.

@@ -42,6 +42,123 @@ pub struct Zone {
     pub project: String,
     pub description: String,
     pub created_at: Millis,
+    /// Power-saving consolidation of the zone's hosts, when turned on
+    /// (`PUT /v1/zones/{name}/power-saving`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_saving: Option<PowerSaving>,
+}
+
+/// Power saving for a zone: lightly loaded hosts are emptied by live
+/// migration and switched off (`standby`); a standby host is switched on
+/// again when a placement in the zone is refused or its free memory falls
+/// below `headroom`.
+///
+/// The commands run with `sh -c` on the controller's machine, with `{host}`
+/// and `{address}` replaced by the host's name and agent address (shell
+/// quoted; also in `$KUMO_HOST` and `$KUMO_ADDRESS`), e.g.
+/// `ipmitool -H {host}-bmc chassis power soft`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PowerSaving {
+    /// Share (0–0.9) of memory and CPU kept free on hosts that take a
+    /// standby host's VMs, and of the zone's schedulable memory.
+    #[serde(default = "default_headroom")]
+    pub headroom: f64,
+    /// Only hosts whose CPU load (percent, 0–100) is below this are emptied.
+    #[serde(default = "default_max_load")]
+    pub max_load: f64,
+    /// Switches a host off once it is empty.
+    pub power_off_command: String,
+    /// Switches a standby host on (it is `down` until its agent reports).
+    pub power_on_command: String,
+    /// A host's draw when idle, for the estimate of energy saved (watts).
+    #[serde(default = "default_idle_watts")]
+    pub idle_watts: f64,
+}
+
+fn default_headroom() -> f64 {
+    0.2
+}
+
+fn default_max_load() -> f64 {
+    30.0
+}
+
+fn default_idle_watts() -> f64 {
+    150.0
+}
+
+/// Power saving in a zone: its settings, standby hosts and the energy
+/// saved so far.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PowerSavingStatus {
+    pub zone: String,
+    /// None when power saving is off.
+    #[serde(default)]
+    pub settings: Option<PowerSaving>,
+    /// Hosts switched off (or being switched off) by power saving.
+    pub standby: Vec<String>,
+    /// Hosts being emptied to go to standby.
+    pub draining: Vec<String>,
+    /// Estimated energy saved over all the zone's hosts, watt-hours
+    /// (idle draw times time in standby).
+    pub energy_saved_wh: f64,
+    /// Of the zone's schedulable hosts, the share of memory not allocated.
+    pub free_memory_share: f64,
+}
+
+/// What automatic rebalancing does and did last.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalanceStatus {
+    pub enabled: bool,
+    /// Host CPU load (percent) above which a host is overloaded.
+    pub threshold: f64,
+    /// How long a host must stay above the threshold to count.
+    pub sustain_seconds: f64,
+    pub period_seconds: f64,
+    /// Migrations started per period, at most.
+    pub max_moves: usize,
+    /// Rebalancing migrations under way at once, at most.
+    pub max_in_flight: usize,
+    /// A VM that moved stays put this long.
+    pub cooldown_seconds: f64,
+    /// A move must lower the imbalance by this much per GiB copied.
+    pub min_gain_per_gib: f64,
+    /// Migrations rebalancing started since the controller started.
+    pub started_total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pass: Option<RebalancePass>,
+}
+
+/// One pass of the rebalancer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalancePass {
+    pub at: Millis,
+    /// Hosts above the threshold for at least the sustain time.
+    pub overloaded: Vec<String>,
+    /// VMs that could move (running, not migrating, not cooling down).
+    pub candidates: usize,
+    /// Rebalancing migrations already under way.
+    pub in_flight: usize,
+    /// The imbalance score (standard deviation of host CPU load) before the
+    /// pass and as planned after it.
+    pub imbalance_before: f64,
+    pub imbalance_after: f64,
+    /// Migrations started, with their reasons.
+    pub moves: Vec<RebalanceMove>,
+    /// Why nothing (more) moved, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalanceMove {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    /// Why it could not start, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Changes to a host's placement settings; absent fields stay as they are.
@@ -147,6 +264,12 @@ pub struct Host {
     pub applied_generation: u64,
     pub vm_count: u32,
     pub created_at: Millis,
+    /// Since when power saving has the host switched off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_since: Option<Millis>,
+    /// Estimated energy power saving saved on this host, watt-hours.
+    #[serde(default)]
+    pub energy_saved_wh: f64,
 }
 
 /// Disk image formats kumo accepts (detected by `qemu-img info`).
@@ -335,6 +458,10 @@ pub struct Vm {
     /// --return` brings it back there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evacuated_from: Option<String>,
+    /// Free-form key/value pairs. The simulated driver reads
+    /// `sim.cpu_percent` as the guest's CPU use (percent of one CPU).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
     pub created_at: Millis,
 }
 
@@ -433,6 +560,9 @@ pub struct MigrationResult {
     /// QEMU's own figure for the pause (source side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_downtime_ms: Option<u64>,
+    /// How long QEMU took to send the guest (source side).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_ms: Option<u64>,
     /// When the source paused the guest for the last copy (microseconds
     /// since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -530,6 +660,9 @@ pub struct CreateVm {
     /// Names of the groups the VM joins.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Free-form key/value pairs kept with the VM (see `Vm::metadata`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// A VM shape for capacity planning.

@@ -7,8 +7,8 @@ mod output;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kumo_api::{
-    CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, EventQuery, MigrateVm,
-    MigrationOutcome, UpdateHost, Vm, VmState,
+    CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, DrainPlan, EventQuery, Host,
+    HostState, MigrateVm, MigrationOutcome, UpdateHost, Vm, VmState,
 };
 use kumo_client::Client;
 use output::{age, Format};
@@ -53,6 +53,8 @@ enum Command {
     /// Affinity and anti-affinity groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Automatic rebalancing: its settings and what its last pass did.
+    Rebalance,
     /// How many more VMs of a shape fit now, and what runs out first.
     Capacity {
         #[arg(long)]
@@ -87,6 +89,72 @@ enum ZoneCmd {
     Delete {
         name: String,
     },
+    /// Move the VMs of every host in the zone away live (a planned
+    /// outage); the hosts go to maintenance once empty.
+    Drain {
+        name: String,
+        #[command(flatten)]
+        args: DrainArgs,
+    },
+    /// Take the zone's drained hosts back into placement.
+    Undrain {
+        name: String,
+        #[command(flatten)]
+        args: UndrainArgs,
+    },
+    /// Power saving: empty lightly loaded hosts and switch them off, switch
+    /// them on when demand rises. Without --on or --off: show its status.
+    PowerSaving {
+        name: String,
+        #[command(flatten)]
+        args: PowerSavingArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct PowerSavingArgs {
+    /// Turn power saving on (or change its settings).
+    #[arg(long, conflicts_with = "off", requires_all = ["off_command", "on_command"])]
+    on: bool,
+    /// Turn power saving off: standby hosts are switched on.
+    #[arg(long)]
+    off: bool,
+    /// Shell command switching a host off; `{host}` and `{address}` are
+    /// replaced, e.g. 'ipmitool -H {host}-bmc chassis power soft'.
+    #[arg(long, requires = "on")]
+    off_command: Option<String>,
+    /// Shell command switching a host on.
+    #[arg(long, requires = "on")]
+    on_command: Option<String>,
+    /// Share of memory and CPU kept free (0 to 0.9).
+    #[arg(long, default_value_t = 0.2, requires = "on")]
+    headroom: f64,
+    /// Only hosts below this CPU load (percent) are emptied.
+    #[arg(long, default_value_t = 30.0, requires = "on")]
+    max_load: f64,
+    /// Idle draw of a host in watts, for the energy estimate.
+    #[arg(long, default_value_t = 150.0, requires = "on")]
+    idle_watts: f64,
+}
+
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// Only show where the VMs would go; move nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Show progress and wait until the hosts are empty and in maintenance.
+    #[arg(long, conflicts_with = "dry_run")]
+    wait: bool,
+}
+
+#[derive(clap::Args)]
+struct UndrainArgs {
+    /// Move the VMs the drain took away back to the hosts they came from.
+    #[arg(long = "return")]
+    return_vms: bool,
+    /// With --return: show progress and wait until every VM is back.
+    #[arg(long, requires = "return_vms")]
+    wait: bool,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +184,19 @@ enum HostCmd {
     /// Remove a host without VMs from the pool.
     Delete {
         name: String,
+    },
+    /// Move the host's VMs away live for maintenance; the host goes to
+    /// maintenance once empty.
+    Drain {
+        name: String,
+        #[command(flatten)]
+        args: DrainArgs,
+    },
+    /// Take a drained host back into placement.
+    Undrain {
+        name: String,
+        #[command(flatten)]
+        args: UndrainArgs,
     },
     /// Join tokens for new hosts.
     #[command(subcommand)]
@@ -185,6 +266,10 @@ enum VmCmd {
         /// Join an affinity or anti-affinity group (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// Metadata KEY=VALUE (repeatable); simulated hosts read
+        /// `sim.cpu_percent` as the guest's CPU use.
+        #[arg(long = "meta", value_parser = parse_meta)]
+        metadata: Vec<(String, String)>,
         /// Create without starting.
         #[arg(long)]
         no_start: bool,
@@ -274,6 +359,30 @@ async fn main() {
     }
 }
 
+/// `KEY=VALUE`.
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: use KEY=VALUE"))
+}
+
+async fn power_saving(client: &Client, out: Format, zone: &str, a: PowerSavingArgs) -> Result<()> {
+    if a.on {
+        let req = kumo_api::PowerSaving {
+            headroom: a.headroom,
+            max_load: a.max_load,
+            power_off_command: a.off_command.unwrap_or_default(),
+            power_on_command: a.on_command.unwrap_or_default(),
+            idle_watts: a.idle_watts,
+        };
+        client.zone_power_saving_set(zone, &req).await?;
+    } else if a.off {
+        client.zone_power_saving_off(zone).await?;
+    }
+    out.power_saving(&client.zone_power_saving(zone).await?);
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
     if let Command::Login { url, token_file } = &cli.command {
@@ -301,7 +410,13 @@ async fn run(cli: Cli) -> Result<()> {
                 client.zone_delete(&name).await?;
                 out.done(&format!("zone {name} deleted"));
             }
+            ZoneCmd::Drain { name, args } => drain(&client, out, Scope::Zone(name), args).await?,
+            ZoneCmd::Undrain { name, args } => {
+                undrain(&client, out, Scope::Zone(name), args).await?
+            }
+            ZoneCmd::PowerSaving { name, args } => power_saving(&client, out, &name, args).await?,
         },
+        Command::Rebalance => out.rebalance(&client.rebalance_status().await?),
         Command::Host(cmd) => match cmd {
             HostCmd::List => out.hosts(&client.hosts().await?),
             HostCmd::Show { name } => out.hosts(&[client.host(&name).await?]),
@@ -321,6 +436,10 @@ async fn run(cli: Cli) -> Result<()> {
             HostCmd::Delete { name } => {
                 client.host_delete(&name).await?;
                 out.done(&format!("host {name} removed"));
+            }
+            HostCmd::Drain { name, args } => drain(&client, out, Scope::Host(name), args).await?,
+            HostCmd::Undrain { name, args } => {
+                undrain(&client, out, Scope::Host(name), args).await?
             }
             HostCmd::Token(TokenCmd::Create { ttl }) => {
                 let t = client
@@ -439,6 +558,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
             requires,
             rank,
             groups,
+            metadata,
             no_start,
             wait,
         } => {
@@ -455,6 +575,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                 requirements: requires,
                 rank,
                 groups,
+                metadata: metadata.into_iter().collect(),
             };
             let target = if no_start {
                 VmState::Stopped
@@ -616,4 +737,275 @@ async fn wait_gone(client: &Client, name: &str) -> Result<()> {
     };
     spinner.finish_and_clear();
     result
+}
+
+/// What a drain or undrain applies to: one host, or every host of a zone.
+enum Scope {
+    Host(String),
+    Zone(String),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::Host(h) => write!(f, "host {h}"),
+            Scope::Zone(z) => write!(f, "zone {z}"),
+        }
+    }
+}
+
+impl Scope {
+    async fn drain(&self, client: &Client, dry_run: bool) -> Result<DrainPlan> {
+        Ok(match self {
+            Scope::Host(h) => client.host_drain(h, dry_run).await?,
+            Scope::Zone(z) => client.zone_drain(z, dry_run).await?,
+        })
+    }
+
+    /// What is left to move (for a host: a dry run of its drain, which
+    /// plans from where things stand).
+    async fn drain_status(&self, client: &Client) -> Result<DrainPlan> {
+        Ok(match self {
+            Scope::Host(h) => client.host_drain(h, true).await?,
+            Scope::Zone(z) => client.zone_drain_status(z).await?,
+        })
+    }
+
+    async fn undrain(&self, client: &Client, return_vms: bool) -> Result<Vec<Host>> {
+        Ok(match self {
+            Scope::Host(h) => vec![client.host_undrain(h, return_vms).await?],
+            Scope::Zone(z) => client.zone_undrain(z, return_vms).await?,
+        })
+    }
+
+    async fn hosts(&self, client: &Client) -> Result<Vec<String>> {
+        Ok(match self {
+            Scope::Host(h) => vec![h.clone()],
+            Scope::Zone(z) => client
+                .hosts()
+                .await?
+                .into_iter()
+                .filter(|h| h.zone == *z)
+                .map(|h| h.name)
+                .collect(),
+        })
+    }
+}
+
+/// `host drain` and `zone drain`: print the plan, then optionally follow it.
+async fn drain(client: &Client, out: Format, scope: Scope, args: DrainArgs) -> Result<()> {
+    let plan = scope.drain(client, args.dry_run).await?;
+    out.drain_plan(&plan);
+    if !args.wait {
+        return Ok(());
+    }
+    let hosts = scope.hosts(client).await?;
+    let done = wait_moves(client, &scope, &hosts, Goal::Drained).await?;
+    if let Format::Table = out {
+        let states: Vec<String> = done
+            .iter()
+            .map(|h| format!("{} {}", h.name, h.state))
+            .collect();
+        println!("{scope} drained: {}", states.join(", "));
+    }
+    Ok(())
+}
+
+/// `host undrain` and `zone undrain`: print the hosts, then optionally wait
+/// for the VMs to come back.
+async fn undrain(client: &Client, out: Format, scope: Scope, args: UndrainArgs) -> Result<()> {
+    let hosts = scope.undrain(client, args.return_vms).await?;
+    out.hosts(&hosts);
+    if !args.wait {
+        return Ok(());
+    }
+    let names: Vec<String> = hosts.into_iter().map(|h| h.name).collect();
+    wait_moves(client, &scope, &names, Goal::Returned).await?;
+    if let Format::Table = out {
+        println!("{scope}: every VM its drain moved away is back");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    /// The hosts are empty and in maintenance (or standby).
+    Drained,
+    /// No VM a drain took from the hosts is still away.
+    Returned,
+}
+
+/// Follow the mover with a progress bar until `goal` holds for `hosts`;
+/// fails when nothing moved for [`WAIT_LIMIT`]. The hosts as they ended.
+async fn wait_moves(
+    client: &Client,
+    scope: &Scope,
+    hosts: &[String],
+    goal: Goal,
+) -> Result<Vec<Host>> {
+    let ours = |h: &str| hosts.iter().any(|n| n == h);
+    let bar = output::count_bar(0);
+    bar.set_message(format!("following the moves of {scope}"));
+    let mut total = 0;
+    let mut seen = None;
+    let mut since = std::time::Instant::now();
+    let result = loop {
+        let vms = client.vms().await?;
+        let left: Vec<&Vm> = vms
+            .iter()
+            .filter(|v| match goal {
+                Goal::Drained => ours(&v.host),
+                Goal::Returned => v.evacuated_from.as_deref().is_some_and(ours),
+            })
+            .collect();
+        let moving: Vec<&str> = left
+            .iter()
+            .filter(|v| v.migration.is_some())
+            .map(|v| v.name.as_str())
+            .collect();
+        let ended: Vec<Host> = client
+            .hosts()
+            .await?
+            .into_iter()
+            .filter(|h| ours(&h.name))
+            .collect();
+        total = total.max(left.len());
+        bar.set_length(total.max(1) as u64);
+        bar.set_position((total - left.len()) as u64);
+        let place = match goal {
+            Goal::Drained => format!("left on {}", hosts.join(", ")),
+            Goal::Returned => "still away".into(),
+        };
+        bar.set_message(format!(
+            "VM(s) moved; {} {place}, {} migration(s) under way",
+            left.len(),
+            moving.len()
+        ));
+        let finished = match goal {
+            Goal::Drained => ended
+                .iter()
+                .all(|h| matches!(h.state, HostState::Maintenance | HostState::Standby)),
+            Goal::Returned => left.is_empty(),
+        };
+        if finished {
+            break Ok(ended);
+        }
+        if goal == Goal::Drained {
+            let gave_up = ended.iter().find(|h| {
+                matches!(
+                    h.state,
+                    HostState::Ready | HostState::Disabled | HostState::Down
+                )
+            });
+            if let Some(h) = gave_up {
+                break Err(anyhow::anyhow!(
+                    "{scope}: host {} is {} while draining; {} VM(s) still on the drained hosts",
+                    h.name,
+                    h.state,
+                    left.len()
+                ));
+            }
+        }
+        let now_seen = (left.len(), moving.join(","));
+        if seen.as_ref() != Some(&now_seen) {
+            seen = Some(now_seen);
+            since = std::time::Instant::now();
+        } else if since.elapsed() > WAIT_LIMIT {
+            break Err(stalled(client, scope, goal, &left).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    result
+}
+
+/// Why a drain or return stopped moving, as far as the API tells.
+async fn stalled(client: &Client, scope: &Scope, goal: Goal, left: &[&Vm]) -> anyhow::Error {
+    let why = |v: &Vm| match &v.last_migration {
+        Some(r) if r.outcome != MigrationOutcome::Completed => {
+            format!("{} on {} ({})", v.name, v.host, output::migration_result(r))
+        }
+        _ => format!("{} on {}", v.name, v.host),
+    };
+    let mut details: Vec<String> = left.iter().map(|v| why(v)).collect();
+    if goal == Goal::Drained {
+        if let Ok(plan) = scope.drain_status(client).await {
+            details = plan
+                .moves
+                .iter()
+                .map(|m| match &m.refusal {
+                    Some(r) => format!("{} on {}: {r}", m.vm, m.from),
+                    None => format!("{} on {}", m.vm, m.from),
+                })
+                .collect();
+        }
+    }
+    anyhow::anyhow!(
+        "{scope}: no VM moved for {} s; {} VM(s) {}: {}",
+        WAIT_LIMIT.as_secs(),
+        left.len(),
+        match goal {
+            Goal::Drained => "left on the drained hosts",
+            Goal::Returned => "still away",
+        },
+        details.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kumo").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn drain_flags_parse_the_same_for_hosts_and_zones() {
+        let cli = parse(&["host", "drain", "h1", "--dry-run"]).unwrap();
+        let Command::Host(HostCmd::Drain { name, args }) = cli.command else {
+            panic!("host drain");
+        };
+        assert_eq!(name, "h1");
+        assert!(args.dry_run && !args.wait);
+        let cli = parse(&["zone", "undrain", "z1", "--return", "--wait"]).unwrap();
+        let Command::Zone(ZoneCmd::Undrain { name, args }) = cli.command else {
+            panic!("zone undrain");
+        };
+        assert_eq!(name, "z1");
+        assert!(args.return_vms && args.wait);
+        // A dry run moves nothing to wait for; an undrain without --return
+        // neither.
+        assert!(parse(&["zone", "drain", "z1", "--dry-run", "--wait"]).is_err());
+        assert!(parse(&["host", "undrain", "h1", "--wait"]).is_err());
+    }
+
+    #[test]
+    fn a_drain_summary_says_whether_everything_fits() {
+        let mv = |vm: &str, to: Option<&str>| kumo_api::PlannedMove {
+            vm: vm.into(),
+            from: "h1".into(),
+            to: to.map(Into::into),
+            to_zone: to.map(|_| "z1".into()),
+            refusal: to.is_none().then(|| "no host can take the VM".into()),
+        };
+        let mut plan = DrainPlan {
+            scope: "host/h1".into(),
+            moves: vec![mv("a", Some("h2")), mv("b", Some("h3"))],
+            feasible: true,
+            memory_mib: 3072,
+        };
+        assert_eq!(
+            output::drain_summary(&plan),
+            "2 VM(s), 3.0 GiB of memory to move; the other hosts have room for all of it"
+        );
+        plan.moves.push(mv("c", None));
+        plan.feasible = false;
+        assert_eq!(
+            output::drain_summary(&plan),
+            "3 VM(s), 3.0 GiB of memory to move: 1 VM(s) have nowhere to go"
+        );
+        plan.moves.clear();
+        assert_eq!(output::drain_summary(&plan), "host/h1: no VMs to move");
+    }
 }

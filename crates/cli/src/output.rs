@@ -1,7 +1,7 @@
 //! Human tables by default, `-o json` everywhere.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kumo_api::{Event, Group, Host, Image, Millis, Vm, Zone};
+use kumo_api::{DrainPlan, Event, Group, Host, Image, Millis, Vm, Zone};
 use serde::Serialize;
 use std::io::IsTerminal;
 
@@ -77,6 +77,40 @@ pub fn spinner(msg: &str) -> ProgressBar {
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(100));
     pb
+}
+
+/// A count of things done out of `total` on stderr when it is a terminal
+/// (e.g. VMs moved off drained hosts); the message says what goes on.
+pub fn count_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total.max(1));
+    pb.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// The last line of a drain plan: how much moves and whether it fits.
+pub fn drain_summary(plan: &DrainPlan) -> String {
+    if plan.moves.is_empty() {
+        return format!("{}: no VMs to move", plan.scope);
+    }
+    let stuck = plan.moves.iter().filter(|m| m.to.is_none()).count();
+    let head = format!(
+        "{} VM(s), {:.1} GiB of memory to move",
+        plan.moves.len(),
+        plan.memory_mib as f64 / 1024.0
+    );
+    if stuck == 0 {
+        format!("{head}; the other hosts have room for all of it")
+    } else {
+        format!("{head}: {stuck} VM(s) have nowhere to go")
+    }
 }
 
 /// A migration's progress on stderr when it is a terminal.
@@ -157,6 +191,69 @@ impl Format {
         match self {
             Format::Json => json(&serde_json::json!({ "ok": true, "message": msg })),
             Format::Table => println!("{msg}"),
+        }
+    }
+
+    pub fn power_saving(self, p: &kumo_api::PowerSavingStatus) {
+        if let Format::Json = self {
+            return json(p);
+        }
+        match &p.settings {
+            Some(s) => println!(
+                "zone {}: power saving on (headroom {:.0}%, hosts below {}% CPU emptied, {} W idle)",
+                p.zone,
+                s.headroom * 100.0,
+                s.max_load,
+                s.idle_watts
+            ),
+            None => println!("zone {}: power saving off", p.zone),
+        }
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!("standby:      {}", list(&p.standby));
+        println!("emptying:     {}", list(&p.draining));
+        println!("free memory:  {:.0}%", p.free_memory_share * 100.0);
+        println!("energy saved: {:.1} Wh", p.energy_saved_wh);
+    }
+
+    pub fn rebalance(self, r: &kumo_api::RebalanceStatus) {
+        if let Format::Json = self {
+            return json(r);
+        }
+        println!(
+            "rebalancing {}: hosts above {}% for {:.0} s; at most {} move(s) per {:.0} s, {} under way; VMs stay {:.0} s after a move",
+            if r.enabled { "on" } else { "off" },
+            r.threshold,
+            r.sustain_seconds,
+            r.max_moves,
+            r.period_seconds,
+            r.max_in_flight,
+            r.cooldown_seconds
+        );
+        println!("migrations started: {}", r.started_total);
+        if let Some(p) = &r.last_pass {
+            println!(
+                "last pass {} ago: {} overloaded host(s), {} candidate(s), imbalance {:.2} -> {:.2}",
+                age(p.at),
+                p.overloaded.len(),
+                p.candidates,
+                p.imbalance_before,
+                p.imbalance_after
+            );
+            for m in &p.moves {
+                match &m.error {
+                    None => println!("  {} {} -> {}: {}", m.vm, m.from, m.to, m.reason),
+                    Some(e) => println!("  {} {} -> {}: not started: {e}", m.vm, m.from, m.to),
+                }
+            }
+            if let Some(note) = &p.note {
+                println!("  {note}");
+            }
         }
     }
 
@@ -274,6 +371,31 @@ impl Format {
                 })
                 .collect(),
         );
+    }
+
+    /// Where each VM of a drain goes (or why it cannot), then a summary.
+    pub fn drain_plan(self, plan: &DrainPlan) {
+        if let Format::Json = self {
+            return json(plan);
+        }
+        if !plan.moves.is_empty() {
+            table(
+                &["VM", "FROM", "TO", "TO ZONE", "NOTE"],
+                plan.moves
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.vm.clone(),
+                            m.from.clone(),
+                            m.to.clone().unwrap_or_else(|| "-".into()),
+                            m.to_zone.clone().unwrap_or_else(|| "-".into()),
+                            m.refusal.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        println!("{}", drain_summary(plan));
     }
 
     pub fn groups(self, groups: &[Group]) {

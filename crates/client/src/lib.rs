@@ -132,6 +132,29 @@ impl Client {
         self.delete(&format!("/v1/zones/{}", segment(name))).await
     }
 
+    /// A zone's power saving: settings, standby hosts, energy saved.
+    pub async fn zone_power_saving(&self, name: &str) -> Result<PowerSavingStatus> {
+        self.get(&format!("/v1/zones/{}/power-saving", segment(name)))
+            .await
+    }
+
+    /// Turn power saving on for a zone (or change its settings).
+    pub async fn zone_power_saving_set(&self, name: &str, req: &PowerSaving) -> Result<Zone> {
+        let path = format!("/v1/zones/{}/power-saving", segment(name));
+        self.json(self.request(Method::PUT, &path).json(req)).await
+    }
+
+    /// Turn power saving off; the zone's standby hosts are switched on.
+    pub async fn zone_power_saving_off(&self, name: &str) -> Result<Zone> {
+        let path = format!("/v1/zones/{}/power-saving", segment(name));
+        self.json(self.request(Method::DELETE, &path)).await
+    }
+
+    /// Automatic rebalancing: settings and its last pass.
+    pub async fn rebalance_status(&self) -> Result<RebalanceStatus> {
+        self.get("/v1/rebalance").await
+    }
+
     pub async fn groups(&self) -> Result<Vec<Group>> {
         self.get("/v1/groups").await
     }
@@ -160,6 +183,53 @@ impl Client {
 
     pub async fn host_delete(&self, name: &str) -> Result<()> {
         self.delete(&format!("/v1/hosts/{}", segment(name))).await
+    }
+
+    /// Drain a host (or with `dry_run` only plan it): where its VMs go.
+    pub async fn host_drain(&self, name: &str, dry_run: bool) -> Result<DrainPlan> {
+        self.drain(&format!("/v1/hosts/{}/drain", segment(name)), dry_run)
+            .await
+    }
+
+    /// Take a drained host back; with `return_vms` its VMs come back too.
+    pub async fn host_undrain(&self, name: &str, return_vms: bool) -> Result<Host> {
+        self.undrain(&format!("/v1/hosts/{}/undrain", segment(name)), return_vms)
+            .await
+    }
+
+    /// Drain every host of a zone (or with `dry_run` only plan it).
+    pub async fn zone_drain(&self, name: &str, dry_run: bool) -> Result<DrainPlan> {
+        self.drain(&format!("/v1/zones/{}/drain", segment(name)), dry_run)
+            .await
+    }
+
+    /// What a zone's drain still has to move.
+    pub async fn zone_drain_status(&self, name: &str) -> Result<DrainPlan> {
+        self.get(&format!("/v1/zones/{}/drain", segment(name)))
+            .await
+    }
+
+    /// Take a zone's drained hosts back; with `return_vms` the VMs come
+    /// back to the hosts they left.
+    pub async fn zone_undrain(&self, name: &str, return_vms: bool) -> Result<Vec<Host>> {
+        self.undrain(&format!("/v1/zones/{}/undrain", segment(name)), return_vms)
+            .await
+    }
+
+    async fn drain(&self, path: &str, dry_run: bool) -> Result<DrainPlan> {
+        self.json(
+            self.request(Method::POST, path)
+                .query(&[("dry_run", dry_run)]),
+        )
+        .await
+    }
+
+    async fn undrain<T: DeserializeOwned>(&self, path: &str, return_vms: bool) -> Result<T> {
+        self.json(
+            self.request(Method::POST, path)
+                .query(&[("return", return_vms)]),
+        )
+        .await
     }
 
     pub async fn join_token_create(&self, req: &CreateJoinToken) -> Result<JoinToken> {

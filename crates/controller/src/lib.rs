@@ -3,13 +3,14 @@
 //! Layers, outside in: [`http`] translates requests and calls into [`app`],
 //! which owns the inventory (kept in memory, written through to the
 //! [`kumo_store::Store`]); [`background`] holds the small reconcilers that run
-//! beside it (host monitoring).
+//! beside it (host monitoring, the mover, rebalancing, power saving).
 
 pub mod app;
 pub mod background;
 mod error;
 pub mod http;
 
+pub use app::rebalance::RebalanceSettings;
 pub use error::Error;
 
 use std::net::SocketAddr;
@@ -25,6 +26,26 @@ pub struct Config {
     pub listen: SocketAddr,
     /// A host that sent no heartbeat for this long is `down`.
     pub down_after: Duration,
+    /// Automatic rebalancing (on by default, conservative).
+    pub rebalance: RebalanceSettings,
+    /// How often power saving looks at the zones that opted in.
+    pub power_period: Duration,
+}
+
+/// The default power-saving period.
+pub const DEFAULT_POWER_PERIOD: Duration = Duration::from_secs(30);
+
+impl Config {
+    /// A controller with the default settings.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Config {
+        Config {
+            data_dir,
+            listen,
+            down_after: Duration::from_secs(5),
+            rebalance: RebalanceSettings::default(),
+            power_period: DEFAULT_POWER_PERIOD,
+        }
+    }
 }
 
 /// A running controller.

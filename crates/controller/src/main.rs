@@ -16,6 +16,32 @@ struct Args {
     /// Seconds without a heartbeat before a host is down.
     #[arg(long, default_value_t = 5.0)]
     down_after: f64,
+    /// Turn automatic rebalancing off.
+    #[arg(long)]
+    no_rebalance: bool,
+    /// Host CPU load (percent) above which rebalancing moves VMs away.
+    #[arg(long, default_value_t = 85.0)]
+    rebalance_threshold: f64,
+    /// Seconds between rebalancing passes.
+    #[arg(long, default_value_t = 30.0)]
+    rebalance_period: f64,
+    /// Seconds a host's load must stay above the threshold to count.
+    #[arg(long, default_value_t = 60.0)]
+    rebalance_sustain: f64,
+    /// Migrations rebalancing starts per period, at most.
+    #[arg(long, default_value_t = 1)]
+    rebalance_max_moves: usize,
+    /// Seconds between power-saving passes (for zones that turned it on).
+    #[arg(long, default_value_t = 30.0)]
+    power_period: f64,
+}
+
+/// Seconds from a flag, or a message naming it.
+fn seconds(flag: &str, v: f64, min: f64, max: f64) -> anyhow::Result<Duration> {
+    if !(v >= min && v <= max) {
+        anyhow::bail!("--{flag}: {v} is out of range: use {min} to {max} seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 #[tokio::main]
@@ -32,10 +58,22 @@ async fn main() -> anyhow::Result<()> {
             args.down_after
         );
     }
+    let rebalance = kumod::RebalanceSettings {
+        enabled: !args.no_rebalance,
+        threshold: args.rebalance_threshold,
+        period: seconds("rebalance-period", args.rebalance_period, 0.1, 86_400.0)?,
+        sustain: seconds("rebalance-sustain", args.rebalance_sustain, 0.0, 86_400.0)?,
+        max_moves: args.rebalance_max_moves,
+        ..Default::default()
+    };
+    if let Err(e) = rebalance.check() {
+        anyhow::bail!("--rebalance-{}", e.replace('_', "-"));
+    }
     let server = kumod::start(kumod::Config {
-        data_dir: args.data_dir,
-        listen: args.listen,
+        rebalance,
+        power_period: seconds("power-period", args.power_period, 0.1, 86_400.0)?,
         down_after: Duration::from_secs_f64(args.down_after),
+        ..kumod::Config::new(args.data_dir, args.listen)
     })
     .await?;
     println!("kumod listening on {}", server.url());

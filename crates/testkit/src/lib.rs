@@ -113,6 +113,7 @@ pub fn vm_request(name: &str, image: &str) -> CreateVm {
         requirements: None,
         rank: None,
         groups: Vec::new(),
+        metadata: Default::default(),
     }
 }
 
@@ -140,13 +141,22 @@ pub struct SimCloud {
 
 impl SimCloud {
     pub async fn start(down_after: Duration) -> Result<SimCloud> {
+        Self::start_with(down_after, |_| {}).await
+    }
+
+    /// Start with the controller's settings changed by `tweak` (e.g. short
+    /// rebalancing or power-saving periods).
+    pub async fn start_with(
+        down_after: Duration,
+        tweak: impl FnOnce(&mut kumod::Config),
+    ) -> Result<SimCloud> {
         let dir = tempfile::tempdir()?;
-        let server = kumod::start(kumod::Config {
-            data_dir: dir.path().join("controller"),
-            listen: "127.0.0.1:0".parse()?,
+        let mut config = kumod::Config {
             down_after,
-        })
-        .await?;
+            ..kumod::Config::new(dir.path().join("controller"), "127.0.0.1:0".parse()?)
+        };
+        tweak(&mut config);
+        let server = kumod::start(config).await?;
         let client = Client::new(&server.url(), &server.admin_token);
         let join_token = client
             .join_token_create(&CreateJoinToken::default())

@@ -153,10 +153,12 @@ impl Guest {
         }
     }
 
-    /// Target: the guest is this host's now.
-    pub async fn finish_incoming(&mut self) {
-        if let Guest::Qemu(g) = self {
-            g.finish_incoming().await;
+    /// Target: the guest is this host's now; how its migration ended, the
+    /// first time this is asked.
+    pub async fn finish_incoming(&mut self) -> Option<MigrationStatus> {
+        match self {
+            Guest::Qemu(g) => g.finish_incoming().await,
+            Guest::Sim(_) => None,
         }
     }
 
@@ -188,10 +190,12 @@ impl Guest {
         }
     }
 
-    pub fn cpu_percent(&mut self) -> Option<f32> {
+    /// The guest's CPU use since the last call, percent of one CPU (for
+    /// simulated guests: what `spec`'s metadata says).
+    pub fn cpu_percent(&mut self, spec: &VmSpec) -> Option<f32> {
         match self {
             Guest::Qemu(g) => g.cpu_percent(),
-            Guest::Sim(g) => g.is_running().then_some(0.0),
+            Guest::Sim(g) => g.cpu_percent(spec),
         }
     }
 }

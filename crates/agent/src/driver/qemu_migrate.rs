@@ -229,15 +229,23 @@ impl QemuGuest {
         Ok(note)
     }
 
-    /// Target, once the guest is its own: stop exporting the disk.
-    pub async fn finish_incoming(&mut self) {
-        if !self.path(INCOMING).exists() {
-            return;
+    /// Target, once the guest is its own: stop exporting the disk, and say
+    /// when the guest resumed here (once, for the migration just ended).
+    pub async fn finish_incoming(&mut self) -> Option<MigrationStatus> {
+        let note = self.read_note::<IncomingNote>(INCOMING)?;
+        let qmp = self.qmp().ok()?.clone();
+        // The source may finish sending before this QEMU has loaded the
+        // last of it: wait for the guest to run here.
+        if !qmp.query_status().await.is_ok_and(|s| s.running) {
+            return None;
         }
-        if let Ok(qmp) = self.qmp() {
-            let _ = qmp.execute("nbd-server-stop", None).await;
-        }
+        let _ = qmp.execute("nbd-server-stop", None).await;
+        let done = MigrationStatus {
+            event_us: self.resumed_us(),
+            ..status(note.id, MigrationState::Completed)
+        };
         let _ = std::fs::remove_file(self.path(INCOMING));
+        Some(done)
     }
 
     /// Source: send the guest (or follow a transfer QEMU is already

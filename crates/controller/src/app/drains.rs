@@ -91,7 +91,9 @@ impl Inventory {
     }
 
     fn zone_hosts(&self, zone: &str) -> Result<Vec<String>> {
-        self.check_zone("zone", zone)?;
+        // The zone is the resource addressed (`/v1/zones/{name}/...`), so
+        // an unknown one is not found, not a bad field.
+        lookup(&self.zones, "zone", zone)?;
         Ok(self
             .hosts
             .values()
@@ -175,7 +177,21 @@ impl App {
     }
 
     pub async fn zone_drain(&self, zone: &str, dry_run: bool) -> Result<DrainPlan> {
-        let hosts = self.inv.read().await.zone_hosts(zone)?;
+        // Hosts already in maintenance or standby are empty and out of
+        // placement: nothing to drain (so a zone drain can be repeated, and
+        // one host of the zone may already be down for maintenance).
+        let hosts: Vec<String> = {
+            let inv = self.inv.read().await;
+            inv.zone_hosts(zone)?
+                .into_iter()
+                .filter(|h| {
+                    !matches!(
+                        inv.hosts[h].rec.mode,
+                        HostMode::Maintenance | HostMode::Standby
+                    )
+                })
+                .collect()
+        };
         self.drain(
             format!("zone/{zone}"),
             hosts,
@@ -283,6 +299,11 @@ impl App {
                     let (_, count) = inv.allocated(h.rec.id);
                     if count == 0 {
                         finished.push(h.rec.name.clone());
+                    }
+                    // Power saving moves the VMs of the hosts it empties
+                    // itself, to targets that keep its headroom.
+                    if h.rec.after_drain == HostMode::Standby {
+                        continue;
                     }
                     for vm in inv.vms_on(h.rec.id) {
                         let movable = vm.migration.is_none()

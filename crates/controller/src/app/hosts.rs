@@ -56,6 +56,12 @@ pub struct HostRecord {
     /// Undrained with `return`: the VMs a drain took away come back.
     #[serde(default)]
     pub welcome_back: bool,
+    /// When power saving switched the host off (its power-off command ran).
+    #[serde(default)]
+    pub standby_since: Option<Millis>,
+    /// Energy saved in earlier standby periods, watt-hours.
+    #[serde(default)]
+    pub energy_saved_wh: f64,
     /// Bumped with every change to what the host should run.
     pub generation: u64,
     pub token_sha256: String,
@@ -88,6 +94,8 @@ pub struct HostLive {
     pub load: Option<HostLoad>,
     pub applied_generation: u64,
     pub down: bool,
+    /// Since when the load has stayed above the rebalancing threshold.
+    pub overloaded_since: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -106,6 +114,7 @@ impl HostEntry {
                 load: None,
                 applied_generation: 0,
                 down: false,
+                overloaded_since: None,
             },
         }
     }
@@ -166,6 +175,8 @@ impl Inventory {
             applied_generation: h.live.applied_generation,
             vm_count,
             created_at: h.rec.created_at,
+            standby_since: h.rec.standby_since,
+            energy_saved_wh: self.energy_saved_wh(&h.rec),
         }
     }
 
@@ -213,6 +224,7 @@ impl Inventory {
                     cores,
                     delete: v.state == VmState::Deleting,
                     migration,
+                    metadata: v.metadata.clone(),
                 })
             })
             .collect();
@@ -309,6 +321,8 @@ impl App {
                 .as_ref()
                 .map_or(HostMode::Maintenance, |o| o.after_drain),
             welcome_back: existing.as_ref().is_some_and(|o| o.welcome_back),
+            standby_since: existing.as_ref().and_then(|o| o.standby_since),
+            energy_saved_wh: existing.as_ref().map_or(0.0, |o| o.energy_saved_wh),
             generation: existing.as_ref().map_or(1, |o| o.generation),
             token_sha256: sha256_hex(&token),
             agent_secret: req.agent_secret,
@@ -388,12 +402,14 @@ impl App {
         self.commit(&mut inv, batch).await?;
         self.apply_reported(&mut inv, host, &hb.vms, reported);
         let e = inv.hosts.get_mut(host).expect("host looked up above");
+        let hot = f64::from(hb.load.cpu_percent) > self.rebalance.threshold;
         e.live = HostLive {
             last_seen: Instant::now(),
             last_heartbeat: Some(now_ms()),
             load: Some(hb.load),
             applied_generation: applied,
             down: false,
+            overloaded_since: hot.then(|| entry.live.overloaded_since.unwrap_or_else(Instant::now)),
         };
         let generation = e.rec.generation;
         if entry.live.down {
@@ -532,8 +548,10 @@ impl App {
     pub async fn host_check_liveness(&self) -> Result<()> {
         let stale: Vec<String> = {
             let inv = self.inv.read().await;
+            // A standby host is switched off: its silence is expected.
             inv.hosts
                 .values()
+                .filter(|h| h.rec.mode != HostMode::Standby)
                 .filter(|h| !h.live.down && h.live.last_seen.elapsed() > self.down_after)
                 .map(|h| h.rec.name.clone())
                 .collect()
@@ -546,7 +564,9 @@ impl App {
             let Some(entry) = inv.hosts.get(&name).cloned() else {
                 continue;
             };
-            if entry.live.last_seen.elapsed() <= self.down_after {
+            if entry.live.last_seen.elapsed() <= self.down_after
+                || entry.rec.mode == HostMode::Standby
+            {
                 continue;
             }
             let mut batch = Batch::default();

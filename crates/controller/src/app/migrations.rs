@@ -50,6 +50,7 @@ enum Step {
     Completed {
         paused_us: Option<u64>,
         qemu_downtime_ms: Option<u64>,
+        transfer_ms: Option<u64>,
     },
     Aborted {
         outcome: MigrationOutcome,
@@ -81,6 +82,7 @@ fn next_step(m: &Migration, from_source: bool, status: Option<&VmStatus>) -> Opt
         (true, MigrationState::Completed) => Some(Step::Completed {
             paused_us: ms.event_us,
             qemu_downtime_ms: ms.qemu_downtime_ms,
+            transfer_ms: ms.progress.as_ref().map(|p| p.elapsed_ms),
         }),
         (_, MigrationState::Failed) => Some(Step::Aborted {
             outcome: MigrationOutcome::Failed,
@@ -134,7 +136,16 @@ pub(super) fn step(
         Step::Completed {
             paused_us,
             qemu_downtime_ms,
-        } => complete(inv, vm, m, paused_us, qemu_downtime_ms, out, batch),
+            transfer_ms,
+        } => {
+            let mut next = complete(inv, vm, m, out, batch);
+            if let Some(last) = next.last_migration.as_mut() {
+                last.paused_at_us = paused_us;
+                last.qemu_downtime_ms = qemu_downtime_ms;
+                last.transfer_ms = transfer_ms;
+            }
+            next
+        }
         Step::Aborted { outcome, message } => abort(vm, m, outcome, message, out, batch),
     };
     batch.put(key(&vm.name), &record(&next));
@@ -194,6 +205,7 @@ fn result(m: &Migration, outcome: MigrationOutcome, message: Option<String>) -> 
         message,
         downtime_ms: None,
         qemu_downtime_ms: None,
+        transfer_ms: None,
         paused_at_us: None,
         total_ms: now_ms().saturating_sub(m.started_at),
         reason: m.reason.clone(),
@@ -205,8 +217,6 @@ fn complete(
     inv: &Inventory,
     vm: &Vm,
     m: &Migration,
-    paused_us: Option<u64>,
-    qemu_downtime_ms: Option<u64>,
     out: &mut super::vms::Reported,
     batch: &mut Batch,
 ) -> Vm {
@@ -224,20 +234,17 @@ fn complete(
         None if draining => Some(m.source.clone()),
         None => None,
     };
-    let mut last = result(m, MigrationOutcome::Completed, None);
-    last.paused_at_us = paused_us;
-    last.qemu_downtime_ms = qemu_downtime_ms;
+    let last = result(m, MigrationOutcome::Completed, None);
     batch.event(
         "vm.migrated",
         format!("vm/{}", vm.name),
         &vm.project,
         format!(
-            "moved live from {} to {} ({} storage) in {:.1} s{}; reason: {}",
+            "moved live from {} to {} ({} storage) in {:.1} s; reason: {}",
             m.source,
             m.target,
             storage_name(m.storage),
             last.total_ms as f64 / 1000.0,
-            qemu_downtime_ms.map_or(String::new(), |d| format!(", QEMU downtime {d} ms")),
             m.reason
         ),
     );

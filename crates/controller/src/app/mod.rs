@@ -14,6 +14,8 @@ pub mod hosts;
 pub mod images;
 pub mod join_tokens;
 pub mod migrations;
+pub mod power;
+pub mod rebalance;
 pub mod vms;
 pub mod zones;
 
@@ -228,6 +230,11 @@ pub struct App {
     /// Calls to agents (console).
     pub(crate) agent_http: reqwest::Client,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub rebalance: rebalance::RebalanceSettings,
+    rebalance_report: rebalance::RebalanceReport,
+    /// How often power saving looks at its zones.
+    pub power_period: Duration,
+    power: power::PowerSaver,
 }
 
 pub fn now_ms() -> Millis {
@@ -269,6 +276,10 @@ impl App {
                 .connect_timeout(Duration::from_secs(3))
                 .build()?,
             background: Mutex::new(Vec::new()),
+            rebalance: config.rebalance.clone(),
+            rebalance_report: rebalance::RebalanceReport::new(&config.rebalance),
+            power_period: config.power_period,
+            power: Default::default(),
         }))
     }
 

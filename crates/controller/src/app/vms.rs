@@ -77,6 +77,45 @@ fn check_shape(vcpus: u32, memory_mib: u64) -> Result<()> {
     )
 }
 
+const MAX_METADATA: usize = 64;
+
+/// Metadata: a few short pairs; `sim.cpu_percent` must be a number.
+fn check_metadata(metadata: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    if metadata.len() > MAX_METADATA {
+        return Err(ApiError::invalid(
+            "metadata",
+            format!("{} pairs; at most {MAX_METADATA} allowed", metadata.len()),
+        )
+        .into());
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.len() > 128 || k.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "metadata",
+                format!("key {k:?}: use 1-128 printable characters"),
+            )
+            .into());
+        }
+        if v.len() > 1024 {
+            return Err(ApiError::invalid(
+                &format!("metadata.{k}"),
+                "value longer than 1024 bytes",
+            )
+            .into());
+        }
+    }
+    if let Some(v) = metadata.get("sim.cpu_percent") {
+        if !v.parse::<f32>().is_ok_and(|c| c.is_finite() && c >= 0.0) {
+            return Err(ApiError::invalid(
+                "metadata.sim.cpu_percent",
+                format!("{v:?} is not a CPU use: give a number of percent of one CPU, at least 0"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// A scheduler request from the API's fields, each checked: the zone must
 /// exist and the requirement expression parse.
 fn sched_request(
@@ -146,7 +185,9 @@ fn derive_power_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<St
     match vm.power {
         PowerState::Running => match status.state {
             ObservedState::Running if behind => (VmState::Rebooting, None),
-            ObservedState::Running => (VmState::Running, None),
+            // The guest that just migrated in, before the host has taken
+            // it as its own: it runs.
+            ObservedState::Running | ObservedState::Incoming => (VmState::Running, None),
             ObservedState::Failed if !behind => (VmState::Failed, status.message.clone()),
             _ => (VmState::Starting, None),
         },
@@ -344,6 +385,7 @@ impl App {
     pub async fn vm_create(&self, req: CreateVm) -> Result<Vm> {
         validate_name("name", &req.name)?;
         check_shape(req.vcpus, req.memory_mib)?;
+        check_metadata(&req.metadata)?;
         let mut inv = self.inv.write().await;
         if inv.vms().contains_key(&req.name) {
             return Err(ApiError::already_exists("VM", &req.name).into());
@@ -389,10 +431,14 @@ impl App {
             rank: parse_expr("rank", &req.rank)?,
             ..request
         };
-        let placement = inv
-            .cluster
-            .place(&req.name, &request)
-            .map_err(|refusal| ApiError::new(ErrorCode::NoValidHost, refusal.to_string()))?;
+        let placement = match inv.cluster.place(&req.name, &request) {
+            Ok(p) => p,
+            Err(refusal) => {
+                // Power saving may switch a standby host on for this.
+                self.placement_refused(req.zone.clone());
+                return Err(ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into());
+            }
+        };
         let host = inv.hosts[&placement.host].rec.clone();
         let start = req.start.unwrap_or(true);
         let vm = Vm {
@@ -426,6 +472,7 @@ impl App {
             migration: None,
             last_migration: None,
             evacuated_from: None,
+            metadata: req.metadata,
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
@@ -667,6 +714,7 @@ mod tests {
             migration: None,
             last_migration: None,
             evacuated_from: None,
+            metadata: Default::default(),
             created_at: 0,
         }
     }

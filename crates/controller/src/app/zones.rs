@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 pub const PREFIX: &str = "zones/";
 
-fn key(name: &str) -> String {
+pub(super) fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
 }
 
@@ -47,6 +47,7 @@ impl App {
             project: DEFAULT_PROJECT.to_string(),
             description: req.description,
             created_at: now_ms(),
+            power_saving: None,
         };
         let mut batch = Batch::default();
         batch.put(key(&zone.name), &zone);

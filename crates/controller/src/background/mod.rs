@@ -1,4 +1,6 @@
-//! Background reconcilers: small named loops beside the API.
+//! Background reconcilers: small named loops beside the API: the host
+//! monitor (liveness, migrations, the mover), the rebalancer
+//! ([`crate::app::rebalance`]) and power saving ([`crate::app::power`]).
 
 use crate::app::App;
 use std::sync::Arc;
@@ -20,6 +22,33 @@ pub fn spawn(app: &Arc<App>) {
             }
             if let Err(e) = monitor.move_vms().await {
                 tracing::warn!(error = %e, "mover");
+            }
+        }
+    }));
+    if app.rebalance.enabled {
+        let rebalancer = app.clone();
+        app.add_background(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(rebalancer.rebalance.period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is at once: let heartbeats arrive first.
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = rebalancer.rebalance_pass().await {
+                    tracing::warn!(error = %e, "rebalancer");
+                }
+            }
+        }));
+    }
+    let power = app.clone();
+    app.add_background(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(power.power_period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = power.power_pass().await {
+                tracing::warn!(error = %e, "power saving");
             }
         }
     }));

@@ -1,10 +1,10 @@
-use super::{ApiJson, AppState};
+use super::{ApiJson, ApiQuery, AppState};
 use crate::error::Result;
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, Host, UpdateHost};
+use kumo_api::{ApiError, DrainParams, DrainPlan, Host, UndrainParams, UpdateHost};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
@@ -13,6 +13,8 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
         .route("/v1/hosts/{name}", get(show).patch(update).delete(delete))
         .route("/v1/hosts/{name}/disable", post(disable))
         .route("/v1/hosts/{name}/enable", post(enable))
+        .route("/v1/hosts/{name}/drain", post(drain))
+        .route("/v1/hosts/{name}/undrain", post(undrain))
 }
 
 /// List hosts with capacity, allocation, load and state.
@@ -59,4 +61,49 @@ pub async fn disable(state: AppState, Path(name): Path<String>) -> Result<Json<H
     responses((status = 200, body = Host), (status = 404, body = ApiError)))]
 pub async fn enable(state: AppState, Path(name): Path<String>) -> Result<Json<Host>> {
     Ok(Json(state.host_set_enabled(&name, true).await?))
+}
+
+/// 202 when the call started VM moves that go on in the background (a
+/// drain, an undrain with `return`); 200 when it only reports, or is done.
+pub(super) fn accepted_if(moving: bool) -> StatusCode {
+    if moving {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// Drain a host: it takes no new VMs and its VMs move away live, a few at a
+/// time; once empty it is `maintenance`. Answers with the plan: where each
+/// VM goes, or why no host can take it. With `dry_run` only the plan (200),
+/// nothing moves; otherwise 202.
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", operation_id = "host_drain",
+    params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Only compute and return the plan; move nothing (default false).")),
+    responses((status = 200, description = "dry run: the plan only", body = DrainPlan),
+        (status = 202, description = "draining; the plan", body = DrainPlan),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn drain(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<DrainParams>,
+) -> Result<(StatusCode, Json<DrainPlan>)> {
+    let dry_run = params.dry_run.unwrap_or(false);
+    let plan = state.host_drain(&name, dry_run).await?;
+    Ok((accepted_if(!dry_run), Json(plan)))
+}
+
+/// Take a drained (or draining) host back into placement. With `return`,
+/// the VMs its drain moved away come back to it, live (202); otherwise 200.
+#[utoipa::path(post, path = "/v1/hosts/{name}/undrain", operation_id = "host_undrain",
+    params(("name" = String, Path), ("return" = Option<bool>, Query, description = "Move the VMs the drain took away back to the hosts they came from (default false).")),
+    responses((status = 200, body = Host), (status = 202, description = "VMs return to the host", body = Host),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn undrain(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<UndrainParams>,
+) -> Result<(StatusCode, Json<Host>)> {
+    let return_vms = params.return_vms.unwrap_or(false);
+    let host = state.host_undrain(&name, return_vms).await?;
+    Ok((accepted_if(return_vms), Json(host)))
 }

@@ -8,6 +8,8 @@ mod groups;
 mod hosts;
 mod images;
 mod join_tokens;
+mod power;
+mod rebalance;
 mod vms;
 mod zones;
 
@@ -53,7 +55,9 @@ fn unauthorized(msg: &str) -> ApiError {
     info(title = "kumo", description = "kumo private IaaS cloud API"),
     paths(
         zones::list, zones::create, zones::show, zones::delete,
+        zones::drain, zones::drain_status, zones::undrain,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::disable, hosts::enable,
+        hosts::drain, hosts::undrain,
         join_tokens::list, join_tokens::create,
         images::list, images::import, images::show, images::delete, images::data,
         vms::list, vms::create, vms::show, vms::delete, vms::start, vms::stop, vms::reboot,
@@ -62,6 +66,8 @@ fn unauthorized(msg: &str) -> ApiError {
         events::list,
         groups::list, groups::create, groups::show, groups::delete,
         capacity::show,
+        rebalance::show,
+        power::show, power::set, power::off,
         agent::register, agent::heartbeat, agent::desired,
         openapi_json,
     ),
@@ -100,6 +106,8 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(events::routes())
         .merge(groups::routes())
         .merge(capacity::routes())
+        .merge(rebalance::routes())
+        .merge(power::routes())
         .merge(agent::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)

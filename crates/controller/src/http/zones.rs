@@ -1,16 +1,19 @@
-use super::{ApiJson, AppState};
+use super::hosts::accepted_if;
+use super::{ApiJson, ApiQuery, AppState};
 use crate::error::Result;
 use axum::extract::Path;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, CreateZone, Zone};
+use kumo_api::{ApiError, CreateZone, DrainParams, DrainPlan, Host, UndrainParams, Zone};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
     Router::new()
         .route("/v1/zones", get(list).post(create))
         .route("/v1/zones/{name}", get(show).delete(delete))
+        .route("/v1/zones/{name}/drain", get(drain_status).post(drain))
+        .route("/v1/zones/{name}/undrain", post(undrain))
 }
 
 /// List zones.
@@ -42,4 +45,47 @@ pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Zone
 pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusCode> {
     state.zone_delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Drain every host of a zone (a planned outage): its VMs move live to the
+/// hosts the scheduler picks elsewhere, a few at a time; emptied hosts are
+/// `maintenance`. Answers with the plan; with `dry_run` only the plan (200),
+/// nothing moves; otherwise 202.
+#[utoipa::path(post, path = "/v1/zones/{name}/drain", operation_id = "zone_drain",
+    params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Only compute and return the plan; move nothing (default false).")),
+    responses((status = 200, description = "dry run: the plan only", body = DrainPlan),
+        (status = 202, description = "draining; the plan", body = DrainPlan),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn drain(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<DrainParams>,
+) -> Result<(StatusCode, Json<DrainPlan>)> {
+    let dry_run = params.dry_run.unwrap_or(false);
+    let plan = state.zone_drain(&name, dry_run).await?;
+    Ok((accepted_if(!dry_run), Json(plan)))
+}
+
+/// What a zone's drain still has to move, and where each VM would go now.
+#[utoipa::path(get, path = "/v1/zones/{name}/drain", operation_id = "zone_drain_status", params(("name" = String, Path)),
+    responses((status = 200, body = DrainPlan), (status = 404, body = ApiError)))]
+pub async fn drain_status(state: AppState, Path(name): Path<String>) -> Result<Json<DrainPlan>> {
+    Ok(Json(state.zone_drain_status(&name).await?))
+}
+
+/// Take a zone's drained (or draining) hosts back into placement. With
+/// `return`, the VMs the drain moved away come back to the hosts they came
+/// from, live (202); otherwise 200. Answers with the undrained hosts.
+#[utoipa::path(post, path = "/v1/zones/{name}/undrain", operation_id = "zone_undrain",
+    params(("name" = String, Path), ("return" = Option<bool>, Query, description = "Move the VMs the drain took away back to the hosts they came from (default false).")),
+    responses((status = 200, body = [Host]), (status = 202, description = "VMs return to their hosts", body = [Host]),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn undrain(
+    state: AppState,
+    Path(name): Path<String>,
+    ApiQuery(params): ApiQuery<UndrainParams>,
+) -> Result<(StatusCode, Json<Vec<Host>>)> {
+    let return_vms = params.return_vms.unwrap_or(false);
+    let hosts = state.zone_undrain(&name, return_vms).await?;
+    Ok((accepted_if(return_vms), Json(hosts)))
 }

@@ -9,10 +9,15 @@
 //! * `sched`: the scheduler alone: placements per second and decision
 //!   latency, and packing quality on a churn stream against first-fit and
 //!   best-fit.
+//! * `migrate`: live migration of an idle real guest, over a shared
+//!   datastore and with its disk copied: the pause the guest saw and the
+//!   total time, against QEMU's own figures for the same transfers; and the
+//!   drain of a host running several guests.
 //! * `rebalance`: the rebalancing planner on a large cluster with skewed
 //!   load against the naive baseline (planning time, imbalance, overloaded
 //!   hosts, moves), and power-saving consolidation on a quiet one.
 
+mod migrate;
 mod rebalance;
 mod sched;
 
@@ -68,6 +73,16 @@ enum Bench {
         #[arg(long, default_value_t = 11)]
         seed: u64,
     },
+    /// Live migration downtime and total time (shared and local disk), and
+    /// a host drain. Needs root, `kumod` and `kumo-agent` built alongside.
+    Migrate {
+        /// Migrations per storage kind.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guests on the host that is drained.
+        #[arg(long, default_value_t = 8)]
+        drain_vms: usize,
+    },
     /// Rebalancing against the naive baseline, and consolidation.
     Rebalance {
         #[arg(long, default_value_t = 1000)]
@@ -110,6 +125,7 @@ async fn main() -> Result<()> {
             sched::packing(events, seed);
             Ok(())
         }
+        Bench::Migrate { runs, drain_vms } => migrate::run(runs, drain_vms).await,
         Bench::Rebalance {
             hosts,
             vms,
@@ -359,8 +375,12 @@ async fn launch_direct(image: &Path, dir: &Path) -> Result<(Duration, Launch)> {
             "socket,id=serial0,path={d}/console.sock,server=on,wait=off,logfile={d}/console.log,logappend=on"
         ))
         .args(["-serial", "chardev:serial0", "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off")])
-        .args(["-drive", &format!("file={d}/disk.qcow2,if=virtio,format=qcow2,discard=unmap")])
-        .args(["-drive", &format!("file={d}/seed.iso,if=virtio,format=raw,readonly=on")])
+        .args(["-blockdev", &format!("driver=file,filename={d}/disk.qcow2,node-name=disk0-file,discard=unmap")])
+        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap"])
+        .args(["-device", "virtio-blk-pci,drive=disk0"])
+        .args(["-blockdev", &format!("driver=file,filename={d}/seed.iso,node-name=seed0-file,read-only=on")])
+        .args(["-blockdev", "driver=raw,file=seed0-file,node-name=seed0,read-only=on"])
+        .args(["-device", "virtio-blk-pci,drive=seed0"])
         .args(["-nic", "user,model=virtio-net-pci", "-daemonize", "-pidfile", &path("qemu.pid")])
         .spawn()?;
     let launch = watch(dir, t0).await;

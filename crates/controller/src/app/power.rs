@@ -1,0 +1,852 @@
+//! Power saving: zones that opt in (`PUT /v1/zones/{name}/power-saving`)
+//! have their lightly loaded hosts emptied and switched off, and switched on
+//! again when demand rises. A background pass, every `power_period`:
+//!
+//! ```text
+//!   active --consolidation plan--> draining (after_drain = standby)
+//!     ^       (one host per zone     |  this pass starts the plan's moves
+//!     |        at a time)            |  (targets keep the headroom); the
+//!     |                              v  mover sees the host empty
+//!     |                           standby --power-off command--> standby,
+//!     |                                                          standby_since set
+//!     +-- power-on command <-- a placement in the zone was refused, or
+//!         (host `down` until     its free schedulable memory < headroom
+//!          its agent reports)
+//! ```
+//!
+//! - **Consolidation** ([`kumo_sched::Cluster::plan_consolidation`], one
+//!   host per pass): only hosts below `max_load`, emptied only if every
+//!   receiving host keeps `headroom` free and the zone's schedulable memory
+//!   without the host keeps `headroom` free too (so a switched-off host is
+//!   not needed at once). Not while a host of the zone is being emptied or
+//!   switched on, nor for ten periods after one was switched on. A move
+//!   that fails gives the host back to placement (`power.abandoned`).
+//! - **Standby**: once a host is empty it runs the zone's
+//!   `power_off_command` and records `standby_since` (`power.standby`); a
+//!   failed command is retried a minute later. A standby host's silence is
+//!   expected: it is never marked down.
+//! - **Power on**: the host with the most memory of the zone's standby
+//!   hosts gets `power_on_command` and becomes active, `down` until its
+//!   agent heartbeats (`power.on`, with the reason); until then it counts
+//!   as free capacity, so one shortage switches on one host.
+//! - **Energy**: a host's `idle_watts` times its time in standby, kept in
+//!   its record (`energy_saved_wh`) and summed per zone.
+//!
+//! Turning power saving off (`DELETE`) switches the zone's standby hosts on
+//! and gives hosts being emptied back to placement.
+//!
+//! Commands run with `sh -c`; `{host}` and `{address}` are replaced by the
+//! host's name and agent address, shell-quoted (also in `$KUMO_HOST` and
+//! `$KUMO_ADDRESS`). Their output is logged.
+
+use super::{hosts, lookup, now_ms, zones, App, Batch, Inventory};
+use crate::error::Result;
+use hosts::HostMode;
+use kumo_api::{
+    ApiError, HostState, MigrateVm, PowerSaving, PowerSavingStatus, PowerState, VmState, Zone,
+};
+use kumo_sched::{Candidate, ConsolidationConfig};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// What the migrations power saving starts give as their reason, first.
+pub const REASON_PREFIX: &str = "power saving: ";
+/// A host switched on counts as coming capacity this long at most.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// A command that failed is tried again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// A power command taking longer is killed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// No consolidation in a zone for this many periods after a power-on.
+const QUIET_PERIODS: u32 = 10;
+const MAX_COMMAND_BYTES: usize = 4096;
+const MS_PER_HOUR: f64 = 3_600_000.0;
+
+/// Power saving's memory between passes (lost on restart, which only
+/// costs a retry or an early consolidation).
+#[derive(Default)]
+pub(crate) struct PowerSaver {
+    /// Zones of placements refused since the last pass (`None`: any
+    /// zone), and when.
+    demand: std::sync::Mutex<Vec<(Option<String>, Instant)>>,
+    /// Held across a pass (and a `DELETE`), commands included.
+    memory: tokio::sync::Mutex<PowerMemory>,
+}
+
+#[derive(Default)]
+struct PowerMemory {
+    /// Hosts switched on and not reporting yet.
+    booting: HashMap<String, Instant>,
+    /// Per zone, when a host was last switched on.
+    powered_on: HashMap<String, Instant>,
+    /// Hosts whose command failed, and when.
+    failed: HashMap<String, Instant>,
+}
+
+/// Check power-saving settings, naming the first field out of range.
+fn check_settings(p: &PowerSaving) -> Result<()> {
+    let invalid = |field: &str, msg: String| Err(ApiError::invalid(field, msg).into());
+    if !(p.headroom.is_finite() && (0.0..=0.9).contains(&p.headroom)) {
+        return invalid(
+            "headroom",
+            format!(
+                "{} is out of range: use a share from 0 to 0.9 (0.2 keeps 20% free)",
+                p.headroom
+            ),
+        );
+    }
+    if !(p.max_load.is_finite() && p.max_load > 0.0 && p.max_load <= 100.0) {
+        return invalid(
+            "max_load",
+            format!(
+                "{} is out of range: use more than 0 and at most 100 (percent CPU)",
+                p.max_load
+            ),
+        );
+    }
+    for (field, cmd) in [
+        ("power_off_command", &p.power_off_command),
+        ("power_on_command", &p.power_on_command),
+    ] {
+        if cmd.trim().is_empty() {
+            return invalid(
+                field,
+                "empty: give a shell command, e.g. `ipmitool -H {host}-bmc chassis power on`"
+                    .into(),
+            );
+        }
+        if cmd.len() > MAX_COMMAND_BYTES || cmd.contains('\0') {
+            return invalid(
+                field,
+                format!("use at most {MAX_COMMAND_BYTES} bytes and no NUL characters"),
+            );
+        }
+    }
+    if !(p.idle_watts.is_finite() && (0.0..=100_000.0).contains(&p.idle_watts)) {
+        return invalid(
+            "idle_watts",
+            format!(
+                "{} is out of range: use 0 to 100000 (watts a host draws idle)",
+                p.idle_watts
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// `s` as one shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The command with `{host}` and `{address}` replaced (in one pass, so a
+/// value is never substituted into).
+fn expand(template: &str, host: &str, address: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(r) = tail.strip_prefix("{host}") {
+            out.push_str(&shell_quote(host));
+            rest = r;
+        } else if let Some(r) = tail.strip_prefix("{address}") {
+            out.push_str(&shell_quote(address));
+            rest = r;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The last few hundred characters of a command's output.
+fn tail(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    let start = s.len().saturating_sub(500);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].to_string()
+}
+
+/// Run a power command; `Err` says why it failed.
+async fn run_command(
+    what: &str,
+    template: &str,
+    host: &str,
+    address: &str,
+) -> std::result::Result<(), String> {
+    let cmd = expand(template, host, address);
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .env("KUMO_HOST", host)
+        .env("KUMO_ADDRESS", address)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(COMMAND_TIMEOUT, child).await {
+        Err(_) => {
+            return Err(format!(
+                "{what} command `{cmd}` timed out after {} s",
+                COMMAND_TIMEOUT.as_secs()
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("{what} command `{cmd}` could not run: {e}")),
+        Ok(Ok(out)) => out,
+    };
+    let (stdout, stderr) = (tail(&out.stdout), tail(&out.stderr));
+    tracing::info!(%host, command = %cmd, status = %out.status, %stdout, %stderr, "{what} command ran");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} command `{cmd}` failed ({}){}",
+            out.status,
+            if stderr.is_empty() {
+                String::new()
+            } else {
+                format!(": {stderr}")
+            }
+        ))
+    }
+}
+
+impl Inventory {
+    /// Energy power saving saved on a host so far, watt-hours.
+    pub fn energy_saved_wh(&self, rec: &hosts::HostRecord) -> f64 {
+        let current = match (rec.standby_since, self.idle_watts(&rec.zone)) {
+            (Some(since), Some(watts)) => {
+                watts * now_ms().saturating_sub(since) as f64 / MS_PER_HOUR
+            }
+            _ => 0.0,
+        };
+        rec.energy_saved_wh + current
+    }
+
+    fn idle_watts(&self, zone: &str) -> Option<f64> {
+        Some(self.zones.get(zone)?.power_saving.as_ref()?.idle_watts)
+    }
+
+    /// Memory (with overcommit) of the zone's schedulable hosts and of the
+    /// hosts switched on but not reporting yet, and how much is allocated.
+    fn zone_memory(&self, zone: &str, booting: &HashMap<String, Instant>) -> (f64, f64) {
+        let mut total = 0.0;
+        let mut allocated = 0.0;
+        for h in self.hosts.values().filter(|h| h.rec.zone == zone) {
+            if h.state() == HostState::Ready || booting.contains_key(&h.rec.name) {
+                total += h.rec.capacity.memory_mib as f64 * h.rec.memory_overcommit;
+                allocated += self.allocated(h.rec.id).0.memory_mib as f64;
+            }
+        }
+        (total, allocated)
+    }
+
+    fn free_share(&self, zone: &str, booting: &HashMap<String, Instant>) -> f64 {
+        let (total, allocated) = self.zone_memory(zone, booting);
+        if total <= 0.0 {
+            0.0
+        } else {
+            1.0 - allocated / total
+        }
+    }
+}
+
+/// Being emptied for standby.
+fn emptying(rec: &hosts::HostRecord) -> bool {
+    rec.mode == HostMode::Draining && rec.after_drain == HostMode::Standby
+}
+
+/// A host to switch on: its name, address and the command.
+struct PowerOn {
+    host: String,
+    address: String,
+    command: String,
+    reason: String,
+}
+
+impl App {
+    /// A placement was refused (in `zone`, or in any zone): power saving
+    /// may switch a standby host on at its next pass.
+    pub(super) fn placement_refused(&self, zone: Option<String>) {
+        let mut demand = self.power.demand.lock().expect("lock");
+        if demand.len() < 1000 && !demand.iter().any(|(z, _)| *z == zone) {
+            demand.push((zone, Instant::now()));
+        }
+    }
+
+    pub async fn zone_power_saving_get(&self, zone: &str) -> Result<PowerSavingStatus> {
+        // A pass may be running a command: its booting hosts are then
+        // left out of the share.
+        let booting = self
+            .power
+            .memory
+            .try_lock()
+            .map(|m| m.booting.clone())
+            .unwrap_or_default();
+        let inv = self.inv.read().await;
+        let z = lookup(&inv.zones, "zone", zone)?;
+        let hosts: Vec<&hosts::HostEntry> =
+            inv.hosts.values().filter(|h| h.rec.zone == zone).collect();
+        Ok(PowerSavingStatus {
+            zone: zone.to_string(),
+            settings: z.power_saving.clone(),
+            standby: hosts
+                .iter()
+                .filter(|h| h.rec.mode == HostMode::Standby)
+                .map(|h| h.rec.name.clone())
+                .collect(),
+            draining: hosts
+                .iter()
+                .filter(|h| emptying(&h.rec))
+                .map(|h| h.rec.name.clone())
+                .collect(),
+            energy_saved_wh: hosts.iter().map(|h| inv.energy_saved_wh(&h.rec)).sum(),
+            free_memory_share: inv.free_share(zone, &booting),
+        })
+    }
+
+    /// Turn power saving on for a zone (or change its settings).
+    pub async fn zone_power_saving_set(&self, zone: &str, settings: PowerSaving) -> Result<Zone> {
+        check_settings(&settings)?;
+        let mut inv = self.inv.write().await;
+        let z = Zone {
+            power_saving: Some(settings.clone()),
+            ..lookup(&inv.zones, "zone", zone)?.clone()
+        };
+        let mut batch = Batch::default();
+        batch.put(zones::key(zone), &z);
+        batch.event(
+            "zone.power_saving",
+            format!("zone/{zone}"),
+            &z.project,
+            format!(
+                "power saving on: hosts below {}% CPU are emptied while {:.0}% headroom stays free ({} W idle each)",
+                settings.max_load,
+                settings.headroom * 100.0,
+                settings.idle_watts
+            ),
+        );
+        self.commit(&mut inv, batch).await?;
+        inv.zones.insert(zone.to_string(), z.clone());
+        Ok(z)
+    }
+
+    /// Turn power saving off: standby hosts are switched on, hosts being
+    /// emptied take VMs again.
+    pub async fn zone_power_saving_off(&self, zone: &str) -> Result<Zone> {
+        let mut mem = self.power.memory.lock().await;
+        let mut inv = self.inv.write().await;
+        let old = lookup(&inv.zones, "zone", zone)?.clone();
+        let Some(settings) = old.power_saving.clone() else {
+            return Ok(old);
+        };
+        let z = Zone {
+            power_saving: None,
+            ..old
+        };
+        let mut batch = Batch::default();
+        batch.put(zones::key(zone), &z);
+        batch.event(
+            "zone.power_saving",
+            format!("zone/{zone}"),
+            &z.project,
+            "power saving off: standby hosts are switched on".into(),
+        );
+        // The energy of the current standby periods, before the idle draw
+        // (a zone setting) goes.
+        let mut standby = Vec::new();
+        for h in inv.hosts.values().filter(|h| h.rec.zone == zone) {
+            if emptying(&h.rec) {
+                let rec = hosts::HostRecord {
+                    mode: HostMode::Active,
+                    after_drain: HostMode::Maintenance,
+                    ..h.rec.clone()
+                };
+                batch.put(hosts::key(&rec.name), &rec);
+                batch.event(
+                    "power.abandoned",
+                    format!("host/{}", rec.name),
+                    &rec.project,
+                    "power saving turned off: the host takes VMs again".into(),
+                );
+                standby.push((rec, false));
+            } else if h.rec.mode == HostMode::Standby {
+                let rec = hosts::HostRecord {
+                    energy_saved_wh: inv.energy_saved_wh(&h.rec),
+                    ..h.rec.clone()
+                };
+                batch.put(hosts::key(&rec.name), &rec);
+                standby.push((rec, true));
+            }
+        }
+        self.commit(&mut inv, batch).await?;
+        inv.zones.insert(zone.to_string(), z.clone());
+        let mut on = Vec::new();
+        for (rec, is_standby) in standby {
+            let name = rec.name.clone();
+            if is_standby {
+                on.push(PowerOn {
+                    host: name.clone(),
+                    address: rec.address.clone(),
+                    command: settings.power_on_command.clone(),
+                    reason: "power saving turned off".into(),
+                });
+            }
+            inv.hosts.get_mut(&name).expect("present").rec = rec;
+            inv.sync_host(&name);
+        }
+        drop(inv);
+        for p in on {
+            self.power_on(&mut mem, zone, p, true).await?;
+        }
+        Ok(z)
+    }
+
+    /// Run the power-on command, then make the host active (`down` until
+    /// its agent reports). With `forced` (power saving turned off) the host
+    /// becomes active even if the command failed.
+    async fn power_on(
+        &self,
+        mem: &mut PowerMemory,
+        zone: &str,
+        p: PowerOn,
+        forced: bool,
+    ) -> Result<()> {
+        let outcome = run_command("power-on", &p.command, &p.host, &p.address).await;
+        let mut inv = self.inv.write().await;
+        let Some(entry) = inv.hosts.get(&p.host) else {
+            return Ok(());
+        };
+        let mut batch = Batch::default();
+        if let Err(why) = &outcome {
+            mem.failed.insert(p.host.clone(), Instant::now());
+            batch.event(
+                "power.on_failed",
+                format!("host/{}", p.host),
+                &entry.rec.project,
+                format!("could not switch the host on ({}): {why}", p.reason),
+            );
+            if !forced {
+                self.commit(&mut inv, batch).await?;
+                return Ok(());
+            }
+        }
+        if entry.rec.mode != HostMode::Standby && !forced {
+            return Ok(());
+        }
+        let saved = inv.energy_saved_wh(&entry.rec);
+        let rec = hosts::HostRecord {
+            mode: if entry.rec.mode == HostMode::Standby {
+                HostMode::Active
+            } else {
+                entry.rec.mode
+            },
+            after_drain: HostMode::Maintenance,
+            energy_saved_wh: saved,
+            standby_since: None,
+            ..entry.rec.clone()
+        };
+        batch.put(hosts::key(&p.host), &rec);
+        batch.event(
+            "power.on",
+            format!("host/{}", p.host),
+            &rec.project,
+            format!(
+                "switched on: {}; down until its agent reports; {saved:.1} Wh saved in standby so far",
+                p.reason
+            ),
+        );
+        self.commit(&mut inv, batch).await?;
+        let e = inv.hosts.get_mut(&p.host).expect("present");
+        e.rec = rec;
+        // Whatever it said before standby is stale: it is down until it
+        // reports (which makes it schedulable again).
+        e.live.down = true;
+        e.live.load = None;
+        inv.sync_host(&p.host);
+        mem.failed.remove(&p.host);
+        mem.booting.insert(p.host.clone(), Instant::now());
+        mem.powered_on.insert(zone.to_string(), Instant::now());
+        Ok(())
+    }
+
+    /// One power-saving pass (see the module docs).
+    pub async fn power_pass(&self) -> Result<()> {
+        let mut mem = self.power.memory.lock().await;
+        let demand = std::mem::take(&mut *self.power.demand.lock().expect("lock"));
+        let retry = |mem: &PowerMemory, host: &str| {
+            mem.failed
+                .get(host)
+                .is_none_or(|t| t.elapsed() >= RETRY_AFTER)
+        };
+        let mut offs = Vec::new();
+        let mut ons = Vec::new();
+        let mut consolidate = Vec::new();
+        {
+            let inv = self.inv.read().await;
+            mem.booting.retain(|h, t| {
+                t.elapsed() < BOOT_TIMEOUT
+                    && inv.hosts.get(h).is_some_and(|e| {
+                        e.rec.mode == HostMode::Active && e.state() == HostState::Down
+                    })
+            });
+            for (zone, z) in &inv.zones {
+                let Some(ps) = &z.power_saving else {
+                    continue;
+                };
+                let in_zone = || inv.hosts.values().filter(|h| h.rec.zone == *zone);
+                for h in in_zone() {
+                    if h.rec.mode == HostMode::Standby
+                        && h.rec.standby_since.is_none()
+                        && retry(&mem, &h.rec.name)
+                    {
+                        offs.push((
+                            h.rec.name.clone(),
+                            h.rec.address.clone(),
+                            ps.power_off_command.clone(),
+                        ));
+                    }
+                }
+                let share = inv.free_share(zone, &mem.booting);
+                // A host already switched on will take what was refused
+                // once it reports.
+                let booting = in_zone().any(|h| mem.booting.contains_key(&h.rec.name));
+                let last_on = mem.powered_on.get(zone);
+                let refused = !booting
+                    && demand.iter().any(|(d, at)| {
+                        d.as_ref().is_none_or(|d| d == zone) && last_on.is_none_or(|t| at > t)
+                    });
+                let reason = if refused {
+                    Some("a placement in the zone was refused".to_string())
+                } else if share < ps.headroom {
+                    Some(format!(
+                        "the zone's free schedulable memory is {:.0}%, below the {:.0}% headroom",
+                        share * 100.0,
+                        ps.headroom * 100.0
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    // The host with the most memory; one still on first.
+                    let pick = in_zone()
+                        .filter(|h| h.rec.mode == HostMode::Standby && retry(&mem, &h.rec.name))
+                        .max_by(|a, b| {
+                            (a.rec.standby_since.is_none(), a.rec.capacity.memory_mib)
+                                .cmp(&(b.rec.standby_since.is_none(), b.rec.capacity.memory_mib))
+                                .then(b.rec.name.cmp(&a.rec.name))
+                        });
+                    if let Some(h) = pick {
+                        ons.push((
+                            zone.clone(),
+                            PowerOn {
+                                host: h.rec.name.clone(),
+                                address: h.rec.address.clone(),
+                                command: ps.power_on_command.clone(),
+                                reason,
+                            },
+                        ));
+                    }
+                    continue;
+                }
+                let quiet = self.power_period * QUIET_PERIODS;
+                let busy = booting
+                    || in_zone().any(|h| emptying(&h.rec))
+                    || last_on.is_some_and(|t| t.elapsed() < quiet)
+                    || demand
+                        .iter()
+                        .any(|(d, _)| d.as_ref().is_none_or(|d| d == zone));
+                if !busy {
+                    consolidate.push(zone.clone());
+                }
+            }
+        }
+        for (host, address, command) in offs {
+            self.power_off(&mut mem, &host, &address, &command).await?;
+        }
+        for (zone, p) in ons {
+            self.power_on(&mut mem, &zone, p, false).await?;
+        }
+        self.check_emptying().await?;
+        for zone in consolidate {
+            self.consolidate(&mem, &zone).await?;
+        }
+        Ok(())
+    }
+
+    async fn power_off(
+        &self,
+        mem: &mut PowerMemory,
+        host: &str,
+        address: &str,
+        command: &str,
+    ) -> Result<()> {
+        let outcome = run_command("power-off", command, host, address).await;
+        let mut inv = self.inv.write().await;
+        let Some(entry) = inv.hosts.get(host) else {
+            return Ok(());
+        };
+        if entry.rec.mode != HostMode::Standby || entry.rec.standby_since.is_some() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        let rec = match outcome {
+            Ok(()) => {
+                mem.failed.remove(host);
+                let rec = hosts::HostRecord {
+                    standby_since: Some(now_ms()),
+                    ..entry.rec.clone()
+                };
+                batch.put(hosts::key(host), &rec);
+                batch.event(
+                    "power.standby",
+                    format!("host/{host}"),
+                    &rec.project,
+                    "switched off by power saving: the host was emptied; it is switched on when the zone needs it".into(),
+                );
+                Some(rec)
+            }
+            Err(why) => {
+                mem.failed.insert(host.to_string(), Instant::now());
+                batch.event(
+                    "power.off_failed",
+                    format!("host/{host}"),
+                    &entry.rec.project,
+                    format!("{why}; tried again in {} s", RETRY_AFTER.as_secs()),
+                );
+                None
+            }
+        };
+        self.commit(&mut inv, batch).await?;
+        if let Some(rec) = rec {
+            inv.hosts.get_mut(host).expect("present").rec = rec;
+        }
+        Ok(())
+    }
+
+    /// Hosts being emptied whose VMs stopped moving (a migration failed, a
+    /// VM was stopped) take VMs again; hosts an operator took out of
+    /// standby get the energy of that standby counted.
+    async fn check_emptying(&self) -> Result<()> {
+        let mut inv = self.inv.write().await;
+        let mut batch = Batch::default();
+        let mut recs = Vec::new();
+        for h in inv.hosts.values() {
+            if emptying(&h.rec) {
+                let stuck = inv.vms_on(h.rec.id).find(|v| v.migration.is_none());
+                if let Some(vm) = stuck {
+                    let rec = hosts::HostRecord {
+                        mode: HostMode::Active,
+                        after_drain: HostMode::Maintenance,
+                        ..h.rec.clone()
+                    };
+                    let why = vm
+                        .last_migration
+                        .as_ref()
+                        .and_then(|r| r.message.clone())
+                        .unwrap_or_else(|| format!("it is {}", vm.state));
+                    batch.event(
+                        "power.abandoned",
+                        format!("host/{}", h.rec.name),
+                        &h.rec.project,
+                        format!(
+                            "power saving stopped emptying the host, which takes VMs again: VM {} did not move ({why})",
+                            vm.name
+                        ),
+                    );
+                    batch.put(hosts::key(&rec.name), &rec);
+                    recs.push(rec);
+                }
+            } else if h.rec.mode != HostMode::Standby && h.rec.standby_since.is_some() {
+                let rec = hosts::HostRecord {
+                    energy_saved_wh: inv.energy_saved_wh(&h.rec),
+                    standby_since: None,
+                    ..h.rec.clone()
+                };
+                batch.put(hosts::key(&rec.name), &rec);
+                recs.push(rec);
+            }
+        }
+        self.commit(&mut inv, batch).await?;
+        for rec in recs {
+            let name = rec.name.clone();
+            inv.hosts.get_mut(&name).expect("present").rec = rec;
+            inv.sync_host(&name);
+        }
+        Ok(())
+    }
+
+    /// Plan one host of the zone to empty; mark it draining towards
+    /// standby and start its VMs' moves.
+    async fn consolidate(&self, mem: &PowerMemory, zone: &str) -> Result<()> {
+        let mut inv = self.inv.write().await;
+        let Some(ps) = inv.zones.get(zone).and_then(|z| z.power_saving.clone()) else {
+            return Ok(());
+        };
+        let mut candidates = Vec::new();
+        for h in inv.hosts.values() {
+            if h.rec.zone != zone || h.state() != HostState::Ready {
+                continue;
+            }
+            for vm in inv.vms_on(h.rec.id) {
+                if vm.state != VmState::Running
+                    || vm.power != PowerState::Running
+                    || vm.migration.is_some()
+                {
+                    continue;
+                }
+                match super::migrations::move_request(&inv, vm, None) {
+                    Ok(request) => candidates.push(Candidate {
+                        vm: vm.name.clone(),
+                        host: h.rec.name.clone(),
+                        request,
+                        cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "power saving: VM left out")
+                    }
+                }
+            }
+        }
+        let cfg = ConsolidationConfig {
+            headroom: ps.headroom,
+            max_load: ps.max_load,
+            max_hosts: 1,
+        };
+        let plan = inv.cluster.plan_consolidation(zone, &candidates, &cfg);
+        let Some((host, moves)) = plan.into_iter().next() else {
+            return Ok(());
+        };
+        // The zone without the host must keep the headroom, or it would be
+        // switched on again at once.
+        let (total, allocated) = inv.zone_memory(zone, &mem.booting);
+        let h = &inv.hosts[&host];
+        let without = total - h.rec.capacity.memory_mib as f64 * h.rec.memory_overcommit;
+        if without <= 0.0 || 1.0 - allocated / without < ps.headroom {
+            return Ok(());
+        }
+        let load = h.live.load.map_or(0.0, |l| l.cpu_percent);
+        let rec = hosts::HostRecord {
+            mode: HostMode::Draining,
+            after_drain: HostMode::Standby,
+            welcome_back: false,
+            ..h.rec.clone()
+        };
+        let mut batch = Batch::default();
+        batch.put(hosts::key(&host), &rec);
+        batch.event(
+            "host.draining",
+            format!("host/{host}"),
+            &rec.project,
+            format!(
+                "power saving empties the host (CPU {load:.0}% < {}%): {} VM(s) to move, then standby",
+                ps.max_load,
+                moves.len()
+            ),
+        );
+        self.commit(&mut inv, batch).await?;
+        inv.hosts.get_mut(&host).expect("present").rec = rec;
+        inv.sync_host(&host);
+        for m in moves {
+            let req = MigrateVm {
+                to: Some(m.to.clone()),
+                downtime_limit_ms: None,
+            };
+            let reason = format!("{REASON_PREFIX}{}", m.reason);
+            if let Err(e) = self.start_migration(&mut inv, &m.vm, req, reason).await {
+                // check_emptying gives the host back at the next pass.
+                tracing::info!(vm = %m.vm, error = %e, "power saving: move not started");
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PowerSaving {
+        PowerSaving {
+            headroom: 0.2,
+            max_load: 30.0,
+            power_off_command: "off {host}".into(),
+            power_on_command: "on {host}".into(),
+            idle_watts: 150.0,
+        }
+    }
+
+    #[test]
+    fn placeholders_are_replaced_shell_quoted_once() {
+        assert_eq!(
+            expand("wake {host} at {address} {x}", "h1", "http://10.0.0.1:7371"),
+            "wake 'h1' at 'http://10.0.0.1:7371' {x}"
+        );
+        // An address cannot break out of its quotes nor be substituted into.
+        assert_eq!(
+            expand("ping {address}", "h1", "x'; rm -rf / #{host}"),
+            r"ping 'x'\''; rm -rf / #{host}'"
+        );
+    }
+
+    #[test]
+    fn every_setting_is_checked_by_name() {
+        assert!(check_settings(&settings()).is_ok());
+        let bad = [
+            (
+                "headroom",
+                PowerSaving {
+                    headroom: 0.95,
+                    ..settings()
+                },
+            ),
+            (
+                "headroom",
+                PowerSaving {
+                    headroom: f64::NAN,
+                    ..settings()
+                },
+            ),
+            (
+                "max_load",
+                PowerSaving {
+                    max_load: 101.0,
+                    ..settings()
+                },
+            ),
+            (
+                "power_off_command",
+                PowerSaving {
+                    power_off_command: "".into(),
+                    ..settings()
+                },
+            ),
+            (
+                "power_on_command",
+                PowerSaving {
+                    power_on_command: "a\0b".into(),
+                    ..settings()
+                },
+            ),
+            (
+                "idle_watts",
+                PowerSaving {
+                    idle_watts: -5.0,
+                    ..settings()
+                },
+            ),
+        ];
+        for (field, p) in bad {
+            match check_settings(&p) {
+                Err(crate::Error::Api(e)) => assert_eq!(e.field.as_deref(), Some(field)),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Live migration of real QEMU guests between hosts in separate network
+//! namespaces: over a shared datastore and with the disk copied live; with
+//! the controller or the source agent killed in the middle.
+
+use kumo_api::{MigrateVm, MigrationOutcome, MigrationStorage, Vm, VmState};
+use kumo_client::Client;
+use kumo_testkit::{tiny_image, vm_request, wait_until, wait_vm, RealCloud, GUEST_READY};
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(90);
+const MOVE: Duration = Duration::from_secs(120);
+
+/// A cloud with hosts h1 (zone z1) and h2 (zone z2) sharing the datastore
+/// `ds1`, h3 (z2) with local disks only, and the tiny image.
+async fn cloud() -> RealCloud {
+    let image = tiny_image().unwrap();
+    let mut cloud = RealCloud::start().await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud.zone("z2").await.unwrap();
+    let ds = cloud.dir.path().join("datastore");
+    let shared = vec![
+        "--shared-datastore".to_string(),
+        format!("ds1={}", ds.display()),
+    ];
+    cloud.host_with_args("h1", "z1", &shared).await.unwrap();
+    cloud.host_with_args("h2", "z2", &shared).await.unwrap();
+    cloud.host("h3", "z2").await.unwrap();
+    cloud.client.image_import("tiny", &image).await.unwrap();
+    cloud
+}
+
+/// Boot `name` on h1 and start a counter on its console.
+async fn boot_counting(cloud: &RealCloud, name: &str) {
+    let c = &cloud.client;
+    c.vm_create(&kumo_api::CreateVm {
+        zone: Some("z1".into()),
+        ..vm_request(name, "tiny")
+    })
+    .await
+    .unwrap();
+    wait_vm(c, name, VmState::Running, BOOT).await.unwrap();
+    cloud.wait_console(name, GUEST_READY, BOOT).await.unwrap();
+    cloud
+        .console_run(
+            name,
+            "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done) &",
+            "tick-2",
+        )
+        .await
+        .unwrap();
+}
+
+async fn migrate(c: &Client, name: &str, to: &str) -> Vm {
+    c.vm_migrate(
+        name,
+        &MigrateVm {
+            to: Some(to.into()),
+            downtime_limit_ms: None,
+        },
+    )
+    .await
+    .unwrap();
+    ended(c, name).await
+}
+
+async fn ended(c: &Client, name: &str) -> Vm {
+    wait_until(MOVE, &format!("migration of {name} ended"), || async {
+        c.vm(name)
+            .await
+            .ok()
+            .filter(|v| v.migration.is_none() && v.last_migration.is_some())
+    })
+    .await
+    .unwrap()
+}
+
+/// What `command` prints between `V:` and `:END` on the console (the
+/// quotes keep the echoed command line from matching).
+async fn value(cloud: &RealCloud, name: &str, command: &str) -> String {
+    let out = cloud
+        .console_run(name, &format!("echo V\"\":$({command}):E\"\"ND"), ":END")
+        .await
+        .unwrap();
+    let v = out.rsplit("V:").next().unwrap();
+    v.split(":END").next().unwrap().trim().to_string()
+}
+
+/// The guest's uptime in seconds.
+async fn uptime(cloud: &RealCloud, name: &str) -> f64 {
+    let v = value(cloud, name, "cut -d' ' -f1 /proc/uptime").await;
+    v.parse().unwrap_or_else(|_| panic!("uptime {v:?}"))
+}
+
+/// SHA-256 of the file the guest wrote to its disk, read from the disk
+/// (page cache dropped first).
+async fn file_sum(cloud: &RealCloud, name: &str) -> String {
+    let sum = value(
+        cloud,
+        name,
+        "sync; echo 3 > /proc/sys/vm/drop_caches; sha256sum /data/blob | cut -c1-64",
+    )
+    .await;
+    assert_eq!(sum.len(), 64, "{sum}");
+    sum
+}
+
+/// The highest counter value on the VM's console so far.
+async fn last_tick(c: &Client, name: &str) -> u64 {
+    let log = c.console_log(name).await.unwrap().text;
+    log.split("tick-")
+        .skip(1)
+        .filter_map(|s| {
+            s.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The guest still counts where it now lives, beyond `after`.
+async fn still_counting(c: &Client, name: &str, after: u64) {
+    wait_until(Duration::from_secs(30), "the counter going on", || async {
+        (last_tick(c, name).await > after).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Exactly one QEMU runs the VM, on the host its record names.
+async fn on_one_host(cloud: &RealCloud, name: &str) {
+    let c = &cloud.client;
+    wait_until(Duration::from_secs(30), "one QEMU for the VM", || async {
+        (cloud.qemu_pids().len() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let pid = cloud.vm_qemu_pid(name).await.unwrap();
+    assert_eq!(cloud.qemu_pids(), vec![pid]);
+    assert_eq!(c.vm(name).await.unwrap().state, VmState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_counting_guest_moves_live_over_shared_and_local_storage() {
+    let cloud = cloud().await;
+    let c = &cloud.client;
+    boot_counting(&cloud, "web").await;
+    cloud
+        .console_run(
+            "web",
+            "dd if=/dev/urandom of=/data/blob bs=64k count=64 2>/dev/null; sync; echo wrote-blob",
+            "wrote-blob\r\n",
+        )
+        .await
+        .unwrap();
+    let sum = file_sum(&cloud, "web").await;
+    let up = uptime(&cloud, "web").await;
+
+    for (to, storage) in [
+        ("h2", MigrationStorage::Shared),
+        ("h3", MigrationStorage::Local),
+    ] {
+        let tick = last_tick(c, "web").await;
+        let vm = migrate(c, "web", to).await;
+        let last = vm.last_migration.clone().unwrap();
+        assert_eq!(last.outcome, MigrationOutcome::Completed, "{last:?}");
+        assert_eq!((vm.host.as_str(), last.storage), (to, storage));
+        eprintln!(
+            "{storage:?} storage: total {} ms, QEMU downtime {:?} ms",
+            last.total_ms, last.qemu_downtime_ms
+        );
+        on_one_host(&cloud, "web").await;
+        // The guest kept running: it counts on, its uptime went on, it did
+        // not boot again here, and its file is intact.
+        still_counting(c, "web", tick).await;
+        assert_eq!(cloud.boots("web").await.unwrap(), 0, "no boot on {to}");
+        let now = uptime(&cloud, "web").await;
+        assert!(now > up, "uptime {now} after {up}: the guest rebooted");
+        assert_eq!(file_sum(&cloud, "web").await, sum, "file changed on {to}");
+        // The downtime the guest saw, from QMP event times on both hosts.
+        let vm = wait_until(Duration::from_secs(10), "downtime measured", || async {
+            c.vm("web").await.ok().filter(|v| {
+                v.last_migration
+                    .as_ref()
+                    .is_some_and(|l| l.downtime_ms.is_some())
+            })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}", last));
+        eprintln!(
+            "{storage:?} storage: downtime {:?} ms",
+            vm.last_migration.unwrap().downtime_ms
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
+    let mut cloud = cloud().await;
+    boot_counting(&cloud, "web").await;
+
+    // The controller dies as the migration starts; when it is back the
+    // migration carries on (or ends) and the VM runs on one host.
+    cloud
+        .client
+        .vm_migrate("web", &MigrateVm::default())
+        .await
+        .unwrap();
+    cloud.kill_controller();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cloud.start_controller().await.unwrap();
+    let vm = ended(&cloud.client, "web").await;
+    eprintln!("after a controller crash: {:?}", vm.last_migration);
+    on_one_host(&cloud, "web").await;
+    let tick = last_tick(&cloud.client, "web").await;
+    still_counting(&cloud.client, "web", tick).await;
+
+    // The source agent dies while it sends; QEMU goes on by itself and the
+    // restarted agent reports how it ended.
+    let source = cloud.client.vm("web").await.unwrap().host;
+    let to = if source == "h3" { "h1" } else { "h3" };
+    cloud
+        .client
+        .vm_migrate(
+            "web",
+            &MigrateVm {
+                to: Some(to.into()),
+                downtime_limit_ms: None,
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(MOVE, "the transfer under way", || async {
+        let vm = cloud.client.vm("web").await.ok()?;
+        let m = vm.migration.as_ref();
+        (m.is_none() || m.is_some_and(|m| m.progress.is_some())).then_some(())
+    })
+    .await
+    .unwrap();
+    cloud.kill_agent(&source);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cloud.restart_agent(&source).unwrap();
+    let vm = ended(&cloud.client, "web").await;
+    eprintln!("after a source agent crash: {:?}", vm.last_migration);
+    on_one_host(&cloud, "web").await;
+    let tick = last_tick(&cloud.client, "web").await;
+    still_counting(&cloud.client, "web", tick).await;
+}
