@@ -184,6 +184,7 @@ pub struct DesiredState {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DesiredQuery {
     /// Wait (up to `wait_seconds`) until the generation is newer than this.
     #[serde(default)]

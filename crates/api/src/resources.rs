@@ -306,6 +306,7 @@ pub struct Image {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ImportImageParams {
     /// Name of the new image.
     pub name: String,
@@ -585,6 +586,7 @@ pub struct MigrateVm {
 
 /// Drain a host or zone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DrainParams {
     /// Only compute and return the plan; move nothing.
     #[serde(default)]
@@ -593,6 +595,7 @@ pub struct DrainParams {
 
 /// Undrain a zone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UndrainParams {
     /// Move the VMs a drain took away back to the hosts they came from.
     #[serde(default, rename = "return")]
@@ -667,6 +670,7 @@ pub struct CreateVm {
 
 /// A VM shape for capacity planning.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CapacityQuery {
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -708,6 +712,7 @@ pub struct Event {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Only events with a sequence number greater than this.
     #[serde(default)]

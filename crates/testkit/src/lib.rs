@@ -404,7 +404,10 @@ impl RealCloud {
             .arg(&data)
             .arg("--listen")
             .arg(format!("{}:{}", self.net().gateway(), self.port))
-            .args(["--down-after", "3"]);
+            .args(["--down-after", "3"])
+            // Every host here reports the one machine's load; tests move
+            // VMs themselves.
+            .arg("--no-rebalance");
         self.controller = Some(Proc::spawn(
             "kumod",
             &mut cmd,

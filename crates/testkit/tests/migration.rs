@@ -248,3 +248,86 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
     let tick = last_tick(&cloud.client, "web").await;
     still_counting(&cloud.client, "web", tick).await;
 }
+
+/// The planned outage: zone z1's guests move live to z2 through the CLI,
+/// keep running there, and come back to their own hosts afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zone_is_evacuated_live_and_its_guests_return() {
+    let image = tiny_image().unwrap();
+    let mut cloud = RealCloud::start().await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud.zone("z2").await.unwrap();
+    for (h, z) in [("h1", "z1"), ("h2", "z1"), ("h3", "z2"), ("h4", "z2")] {
+        cloud.host(h, z).await.unwrap();
+    }
+    let c = cloud.client.clone();
+    c.image_import("tiny", &image).await.unwrap();
+    let names = ["mail", "web", "db"];
+    for name in names {
+        c.vm_create(&kumo_api::CreateVm {
+            zone: Some("z1".into()),
+            policy: Some(kumo_api::PlacementPolicy::Spread),
+            ..vm_request(name, "tiny")
+        })
+        .await
+        .unwrap();
+    }
+    let mut homes = Vec::new();
+    for name in names {
+        wait_vm(&c, name, VmState::Running, BOOT).await.unwrap();
+        cloud.wait_console(name, GUEST_READY, BOOT).await.unwrap();
+        homes.push(c.vm(name).await.unwrap().host);
+    }
+
+    let plan = cloud
+        .cli(&["zone", "drain", "z1", "--dry-run", "-o", "json"], "")
+        .await
+        .unwrap();
+    let plan: kumo_api::DrainPlan = serde_json::from_str(&plan).unwrap();
+    assert!(plan.feasible, "{plan:?}");
+    assert_eq!(plan.moves.len(), names.len());
+    assert!(plan
+        .moves
+        .iter()
+        .all(|m| m.to_zone.as_deref() == Some("z2")));
+    assert_eq!(
+        c.vm("web").await.unwrap().zone,
+        "z1",
+        "a dry run moves nothing"
+    );
+
+    cloud
+        .cli(&["zone", "drain", "z1", "--wait"], "")
+        .await
+        .unwrap();
+    for name in names {
+        let vm = c.vm(name).await.unwrap();
+        assert_eq!((vm.zone.as_str(), vm.state), ("z2", VmState::Running));
+        assert_eq!(cloud.boots(name).await.unwrap(), 0, "{name} moved live");
+        let out = cloud
+            .console_run(name, "echo alive-$((6*7))", "alive-42")
+            .await;
+        assert!(out.is_ok(), "{name}: {out:?}");
+    }
+    for h in ["h1", "h2"] {
+        assert_eq!(
+            c.host(h).await.unwrap().state,
+            kumo_api::HostState::Maintenance
+        );
+    }
+
+    cloud
+        .cli(&["zone", "undrain", "z1", "--return", "--wait"], "")
+        .await
+        .unwrap();
+    for (name, home) in names.iter().zip(&homes) {
+        let vm = c.vm(name).await.unwrap();
+        assert_eq!(&vm.host, home, "{name} back home");
+        assert_eq!(vm.evacuated_from, None);
+    }
+    wait_until(Duration::from_secs(30), "one QEMU per guest", || async {
+        (cloud.qemu_pids().len() == names.len()).then_some(())
+    })
+    .await
+    .unwrap();
+}

@@ -61,11 +61,11 @@ impl Inventory {
                 moves.push(planned(Some(m.target.clone()), None));
                 continue;
             }
-            if vm.power != PowerState::Running {
+            if vm.power != PowerState::Running || vm.state != VmState::Running {
                 moves.push(planned(
                     None,
                     Some(format!(
-                        "VM is {}: only running VMs move live; start or delete it",
+                        "VM is {}: only running VMs move live; start, repair or delete it",
                         vm.state
                     )),
                 ));

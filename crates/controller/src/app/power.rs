@@ -305,7 +305,9 @@ impl App {
                 .filter(|h| emptying(&h.rec))
                 .map(|h| h.rec.name.clone())
                 .collect(),
-            energy_saved_wh: hosts.iter().map(|h| inv.energy_saved_wh(&h.rec)).sum(),
+            energy_saved_wh: hosts
+                .iter()
+                .fold(0.0, |wh, h| wh + inv.energy_saved_wh(&h.rec)),
             free_memory_share: inv.free_share(zone, &booting),
         })
     }
@@ -566,6 +568,8 @@ impl App {
                 }
             }
         }
+        // A host about to be switched on need not be switched off first.
+        offs.retain(|(host, ..)| !ons.iter().any(|(_, p)| p.host == *host));
         for (host, address, command) in offs {
             self.power_off(&mut mem, &host, &address, &command).await?;
         }

@@ -8,7 +8,7 @@
 
 use super::{fmt, pct};
 use anyhow::{bail, Context, Result};
-use kumo_api::{CreateVm, HostState, MigrateVm, MigrationOutcome, VmState};
+use kumo_api::{HostState, MigrateVm, MigrationOutcome, VmState};
 use kumo_client::Client;
 use kumo_testkit::{tiny_image, vm_request, wait_until, RealCloud, GUEST_READY};
 use std::time::{Duration, Instant};
@@ -30,11 +30,7 @@ pub async fn run(runs: usize, drain_vms: usize) -> Result<()> {
     let c = cloud.client.clone();
     c.image_import("tiny", &image).await?;
 
-    c.vm_create(&CreateVm {
-        requirements: Some("name == \"h1\"".into()),
-        ..vm_request("bench", "tiny")
-    })
-    .await?;
+    place_on(&c, "h1", &["bench".to_string()]).await?;
     cloud.wait_console("bench", GUEST_READY, BOOT).await?;
 
     println!("idle 256 MiB guest, {runs} migrations per storage kind:");
@@ -108,15 +104,14 @@ pub async fn run(runs: usize, drain_vms: usize) -> Result<()> {
         );
     }
     c.vm_delete("bench").await?;
+    wait_until(Duration::from_secs(60), "the VM deleted", || async {
+        c.vm("bench").await.is_err().then_some(())
+    })
+    .await?;
 
     // Drain: guests on h3 (local disks), moved to h1 and h2.
-    for i in 0..drain_vms {
-        c.vm_create(&CreateVm {
-            requirements: Some("name == \"h3\"".into()),
-            ..vm_request(&format!("d{i}"), "tiny")
-        })
-        .await?;
-    }
+    let names: Vec<String> = (0..drain_vms).map(|i| format!("d{i}")).collect();
+    place_on(&c, "h3", &names).await?;
     for i in 0..drain_vms {
         cloud
             .wait_console(&format!("d{i}"), GUEST_READY, BOOT)
@@ -138,6 +133,27 @@ pub async fn run(runs: usize, drain_vms: usize) -> Result<()> {
         "drain of a host running {drain_vms} idle 256 MiB guests (local disks, 4 at a time): {} for {moved} VMs moved",
         fmt(took)
     );
+    Ok(())
+}
+
+/// Create VMs on `host` (the others disabled meanwhile), free to move later.
+async fn place_on(c: &Client, host: &str, names: &[String]) -> Result<()> {
+    let others: Vec<String> = c
+        .hosts()
+        .await?
+        .into_iter()
+        .map(|h| h.name)
+        .filter(|h| h != host)
+        .collect();
+    for h in &others {
+        c.host_enable(h, false).await?;
+    }
+    for name in names {
+        c.vm_create(&vm_request(name, "tiny")).await?;
+    }
+    for h in &others {
+        c.host_enable(h, true).await?;
+    }
     Ok(())
 }
 
