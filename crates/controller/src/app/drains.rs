@@ -159,9 +159,7 @@ impl App {
         }
         self.commit(&mut inv, batch).await?;
         for rec in recs {
-            let name = rec.name.clone();
-            inv.hosts.get_mut(&name).expect("looked up").rec = rec;
-            inv.sync_host(&name);
+            inv.set_host_record(rec);
         }
         Ok(plan)
     }
@@ -248,9 +246,7 @@ impl App {
         }
         self.commit(&mut inv, batch).await?;
         for rec in recs {
-            let name = rec.name.clone();
-            inv.hosts.get_mut(&name).expect("looked up").rec = rec;
-            inv.sync_host(&name);
+            inv.set_host_record(rec);
         }
         Ok(hosts.iter().map(|h| inv.host_view(&inv.hosts[h])).collect())
     }
@@ -361,7 +357,7 @@ impl App {
             let mut batch = Batch::default();
             batch.put(hosts::key(&name), &rec);
             self.commit(&mut inv, batch).await?;
-            inv.hosts.get_mut(&name).expect("present").rec = rec;
+            inv.set_host_record(rec);
         }
         Ok(())
     }
@@ -387,8 +383,7 @@ impl App {
             ),
         );
         self.commit(inv, batch).await?;
-        inv.hosts.get_mut(name).expect("present").rec = rec;
-        inv.sync_host(name);
+        inv.set_host_record(rec);
         Ok(())
     }
 }

@@ -511,8 +511,7 @@ impl App {
             batch.put(key(name), &rec);
             batch.event(kind, format!("host/{name}"), &rec.project, msg);
             self.commit(&mut inv, batch).await?;
-            inv.hosts.get_mut(name).expect("looked up").rec = rec;
-            inv.sync_host(name);
+            inv.set_host_record(rec);
         }
         let h = lookup(&inv.hosts, "host", name)?;
         Ok(inv.host_view(h))

@@ -187,6 +187,13 @@ impl Inventory {
         }
     }
 
+    /// Install a host's record as committed, and tell the scheduler.
+    pub fn set_host_record(&mut self, rec: HostRecord) {
+        let name = rec.name.clone();
+        self.hosts.get_mut(&name).expect("host present").rec = rec;
+        self.sync_host(&name);
+    }
+
     pub fn host_by_id(&self, id: Uuid) -> Option<&HostEntry> {
         self.hosts.values().find(|h| h.rec.id == id)
     }

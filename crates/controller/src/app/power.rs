@@ -399,8 +399,7 @@ impl App {
                     reason: "power saving turned off".into(),
                 });
             }
-            inv.hosts.get_mut(&name).expect("present").rec = rec;
-            inv.sync_host(&name);
+            inv.set_host_record(rec);
         }
         drop(inv);
         for p in on {
@@ -678,9 +677,7 @@ impl App {
         }
         self.commit(&mut inv, batch).await?;
         for rec in recs {
-            let name = rec.name.clone();
-            inv.hosts.get_mut(&name).expect("present").rec = rec;
-            inv.sync_host(&name);
+            inv.set_host_record(rec);
         }
         Ok(())
     }
@@ -754,8 +751,7 @@ impl App {
             ),
         );
         self.commit(&mut inv, batch).await?;
-        inv.hosts.get_mut(&host).expect("present").rec = rec;
-        inv.sync_host(&host);
+        inv.set_host_record(rec);
         for m in moves {
             let req = MigrateVm {
                 to: Some(m.to.clone()),
