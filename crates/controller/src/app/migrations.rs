@@ -59,7 +59,18 @@ enum Step {
 }
 
 /// Where the migration goes next given the report of one of its hosts.
-fn next_step(m: &Migration, from_source: bool, status: Option<&VmStatus>) -> Option<Step> {
+/// With the source host silent (`source_down`), the target's word decides:
+/// a guest running there completed the migration (its QEMU runs the guest
+/// only once it has all of it, and the source's copy stays paused after a
+/// completed transfer); a target still waiting long after the start
+/// (`late`) gives up, which breaks off any transfer still under way and
+/// leaves the guest with the source.
+fn next_step(
+    m: &Migration,
+    from_source: bool,
+    (source_down, late): (bool, bool),
+    status: Option<&VmStatus>,
+) -> Option<Step> {
     let ms = status?.migration.as_ref().filter(|s| s.id == m.id)?;
     let message = || {
         let side = if from_source { "source" } else { "target" };
@@ -79,6 +90,15 @@ fn next_step(m: &Migration, from_source: bool, status: Option<&VmStatus>) -> Opt
                 nbd: ms.nbd.clone(),
             })
         }
+        (false, MigrationState::Listening) if source_down && late => Some(Step::Aborted {
+            outcome: MigrationOutcome::Failed,
+            message: format!("source host {} went down during the transfer", m.source),
+        }),
+        (false, MigrationState::Completed) if source_down => Some(Step::Completed {
+            paused_us: None,
+            qemu_downtime_ms: None,
+            transfer_ms: None,
+        }),
         (true, MigrationState::Completed) => Some(Step::Completed {
             paused_us: ms.event_us,
             qemu_downtime_ms: ms.qemu_downtime_ms,
@@ -110,7 +130,11 @@ pub(super) fn step(
         return;
     };
     let from_source = host == m.source_id;
-    let Some(step) = next_step(m, from_source, status) else {
+    let source_down = inv
+        .host_by_id(m.source_id)
+        .is_none_or(|h| h.state() == HostState::Down);
+    let late = now_ms().saturating_sub(m.started_at) > PREPARE_TIMEOUT.as_millis() as u64;
+    let Some(step) = next_step(m, from_source, (source_down, late), status) else {
         return;
     };
     let next = match step {
@@ -568,7 +592,7 @@ impl App {
     }
 
     /// Give up on migrations whose target never got ready or went down
-    /// before the transfer began (once it began, the source's QEMU decides).
+    /// before the transfer began (once it began, the hosts' reports decide).
     pub async fn migrations_check(&self) -> Result<()> {
         let mut inv = self.inv.write().await;
         let stuck: Vec<(Vm, Migration, String)> = inv
@@ -576,22 +600,21 @@ impl App {
             .values()
             .filter_map(|vm| {
                 let m = vm.migration.as_ref()?;
-                if m.phase != MigrationPhase::Preparing {
-                    return None;
-                }
-                let target = inv.host_by_id(m.target_id);
-                let why = match target.map(|t| t.state()) {
-                    None => format!("target host {} is gone", m.target),
-                    Some(HostState::Down) => format!("target host {} is down", m.target),
-                    _ if now_ms().saturating_sub(m.started_at)
-                        > PREPARE_TIMEOUT.as_millis() as u64 =>
-                    {
-                        format!(
-                            "target host {} did not get ready in {} s",
-                            m.target,
-                            PREPARE_TIMEOUT.as_secs()
-                        )
+                let state = |id| inv.host_by_id(id).map(|h| h.state());
+                let late =
+                    now_ms().saturating_sub(m.started_at) > PREPARE_TIMEOUT.as_millis() as u64;
+                let why = match (m.phase, state(m.target_id)) {
+                    (MigrationPhase::Preparing, None) => {
+                        format!("target host {} is gone", m.target)
                     }
+                    (MigrationPhase::Preparing, Some(HostState::Down)) => {
+                        format!("target host {} is down", m.target)
+                    }
+                    (MigrationPhase::Preparing, _) if late => format!(
+                        "target host {} did not get ready in {} s",
+                        m.target,
+                        PREPARE_TIMEOUT.as_secs()
+                    ),
                     _ => return None,
                 };
                 Some((vm.clone(), m.clone(), why))
@@ -615,5 +638,130 @@ impl App {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kumo_api::MigrationStatus;
+
+    fn migration(phase: MigrationPhase) -> Migration {
+        Migration {
+            id: Uuid::from_u128(1),
+            source: "h1".into(),
+            source_id: Uuid::from_u128(11),
+            target: "h2".into(),
+            target_id: Uuid::from_u128(12),
+            target_cores: Vec::new(),
+            storage: MigrationStorage::Local,
+            phase,
+            downtime_limit_ms: DEFAULT_DOWNTIME_MS,
+            reason: "requested".into(),
+            uri: None,
+            nbd: None,
+            progress: None,
+            started_at: 0,
+        }
+    }
+
+    fn report(id: u128, state: MigrationState) -> VmStatus {
+        VmStatus {
+            id: Uuid::nil(),
+            state: kumo_api::ObservedState::Running,
+            reboots: 0,
+            cpu_percent: None,
+            message: None,
+            migration: Some(MigrationStatus {
+                uri: Some("tcp:10.0.0.2:4000".into()),
+                ..status(id, state)
+            }),
+        }
+    }
+
+    fn status(id: u128, state: MigrationState) -> MigrationStatus {
+        MigrationStatus {
+            id: Uuid::from_u128(id),
+            state,
+            uri: None,
+            nbd: None,
+            progress: None,
+            event_us: None,
+            qemu_downtime_ms: None,
+            message: None,
+        }
+    }
+
+    /// Which step each report leads to: (phase, from source, source down,
+    /// late, reported state) -> step name.
+    #[test]
+    fn reports_decide_the_next_step() {
+        use MigrationPhase::{Preparing, Transferring};
+        use MigrationState as S;
+        let cases = [
+            (Preparing, false, false, false, S::Listening, Some("ready")),
+            (Transferring, false, false, false, S::Listening, None),
+            (Transferring, true, false, false, S::Active, None),
+            (
+                Transferring,
+                true,
+                false,
+                false,
+                S::Completed,
+                Some("completed"),
+            ),
+            // The target's word counts only when the source is silent.
+            (Transferring, false, false, false, S::Completed, None),
+            (
+                Transferring,
+                false,
+                true,
+                false,
+                S::Completed,
+                Some("completed"),
+            ),
+            // A target still waiting long after a silent source gives up.
+            (Transferring, false, true, false, S::Listening, None),
+            (Transferring, false, false, true, S::Listening, None),
+            (
+                Transferring,
+                false,
+                true,
+                true,
+                S::Listening,
+                Some("failed"),
+            ),
+            (Transferring, false, false, false, S::Failed, Some("failed")),
+            (Transferring, true, false, false, S::Failed, Some("failed")),
+            (
+                Transferring,
+                true,
+                false,
+                false,
+                S::Cancelled,
+                Some("cancelled"),
+            ),
+        ];
+        for (phase, from_source, down, late, state, want) in cases {
+            let m = migration(phase);
+            let got = next_step(&m, from_source, (down, late), Some(&report(1, state)));
+            let got = got.map(|s| match s {
+                Step::Ready { .. } => "ready",
+                Step::Completed { .. } => "completed",
+                Step::Aborted {
+                    outcome: MigrationOutcome::Cancelled,
+                    ..
+                } => "cancelled",
+                Step::Aborted { .. } => "failed",
+            });
+            assert_eq!(
+                got, want,
+                "{phase:?} source={from_source} down={down} late={late} {state:?}"
+            );
+        }
+        // A report about another migration of the VM says nothing.
+        let m = migration(Transferring);
+        let other = report(2, S::Completed);
+        assert!(next_step(&m, true, (false, false), Some(&other)).is_none());
     }
 }
