@@ -150,7 +150,7 @@ async fn a_counting_guest_moves_live_over_shared_and_local_storage() {
     cloud
         .console_run(
             "web",
-            "dd if=/dev/urandom of=/data/blob bs=64k count=64 2>/dev/null; sync; echo wrote-blob",
+            "dd if=/dev/urandom of=/data/blob bs=64k count=64 2>/dev/null; sync; echo wrote-b\"\"lob",
             "wrote-blob\r\n",
         )
         .await
@@ -217,8 +217,8 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
     let tick = last_tick(&cloud.client, "web").await;
     still_counting(&cloud.client, "web", tick).await;
 
-    // The source agent dies while it sends; QEMU goes on by itself and the
-    // restarted agent reports how it ended.
+    // The source agent dies as it begins to send; whatever QEMU had begun
+    // goes on by itself, and the restarted agent carries on from there.
     let source = cloud.client.vm("web").await.unwrap().host;
     let to = if source == "h3" { "h1" } else { "h3" };
     cloud
@@ -232,10 +232,13 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
         )
         .await
         .unwrap();
-    wait_until(MOVE, "the transfer under way", || async {
+    // As soon as the source is told to send: the agent dies while it
+    // prepares the transfer or copies the disk.
+    wait_until(MOVE, "the source told to send", || async {
         let vm = cloud.client.vm("web").await.ok()?;
         let m = vm.migration.as_ref();
-        (m.is_none() || m.is_some_and(|m| m.progress.is_some())).then_some(())
+        (m.is_none() || m.is_some_and(|m| m.phase != kumo_api::MigrationPhase::Preparing))
+            .then_some(())
     })
     .await
     .unwrap();
@@ -330,4 +333,57 @@ async fn a_zone_is_evacuated_live_and_its_guests_return() {
     })
     .await
     .unwrap();
+}
+
+/// A guest with half a GiB written to its local disk: the transfer is
+/// cancelled while the disk is being copied, and the guest runs on where it
+/// was, its disk its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_transfer_leaves_the_guest_running_where_it_was() {
+    let cloud = cloud().await;
+    let c = &cloud.client;
+    boot_counting(&cloud, "big").await;
+    // Past the partitions (they end at 64 MiB): data only the overlay holds.
+    cloud
+        .console_run(
+            "big",
+            "dd if=/dev/zero of=/dev/vda bs=1M seek=128 count=512 conv=fsync 2>/dev/null; echo wr\"\"ote",
+            "wrote\r\n",
+        )
+        .await
+        .unwrap();
+    c.vm_migrate(
+        "big",
+        &MigrateVm {
+            to: Some("h3".into()),
+            downtime_limit_ms: None,
+        },
+    )
+    .await
+    .unwrap();
+    let vm = wait_until(MOVE, "the disk being copied", || async {
+        c.vm("big").await.ok().filter(|v| {
+            v.migration.is_none()
+                || v.migration
+                    .as_ref()
+                    .and_then(|m| m.progress.as_ref())
+                    .is_some_and(|p| p.stage == "disk" && p.disk_done_bytes > 0)
+        })
+    })
+    .await
+    .unwrap();
+    let progress = vm.migration.and_then(|m| m.progress);
+    assert!(
+        progress.is_some(),
+        "the copy ended before it could be cancelled: {:?}",
+        vm.last_migration
+    );
+    c.vm_migrate_cancel("big").await.unwrap();
+    let vm = ended(c, "big").await;
+    let last = vm.last_migration.unwrap();
+    assert_eq!(last.outcome, MigrationOutcome::Cancelled, "{last:?}");
+    assert_eq!(vm.host, "h1");
+    on_one_host(&cloud, "big").await;
+    let tick = last_tick(c, "big").await;
+    still_counting(c, "big", tick).await;
 }

@@ -299,8 +299,18 @@ impl QemuGuest {
     ) -> anyhow::Result<MigrationStatus> {
         let started = Instant::now();
         let qmp = self.qmp()?.clone();
+        // QEMU reports the last migration it took part in, which may be an
+        // older one, or the one that brought the guest here: a transfer is
+        // this one only if it was started here (`ours`: the agent may have
+        // died before sending the command), and a completed one only if
+        // QEMU then paused the guest for good.
         let state = qmp.execute("query-migrate", None).await?;
-        let sending = ours && state.get("status").is_some();
+        let sending = ours
+            && match state["status"].as_str() {
+                None => false,
+                Some("completed") => qmp.query_status().await?.status == "postmigrate",
+                Some(_) => true,
+            };
         if !sending {
             if cancelled() {
                 return Ok(status(out.id, MigrationState::Cancelled));
