@@ -18,6 +18,10 @@ use kumo_api::{
     VmState,
 };
 
+/// What the migrations of a drain give as their reason, first (the VMs
+/// they move remember where they came from).
+pub const REASON_PREFIX: &str = "drain of host ";
+
 /// Migrations the mover keeps under way at once, over the whole cloud.
 pub const PARALLEL_MIGRATIONS: usize = 4;
 /// A VM whose move failed is tried again after this long.
@@ -306,15 +310,21 @@ impl App {
                             && vm.state == VmState::Running
                             && !recently_failed(vm);
                         if movable {
-                            let reason = format!("drain of host {}", h.rec.name);
+                            let reason = format!("{REASON_PREFIX}{}", h.rec.name);
                             wanted.push((vm.name.clone(), None, reason));
                         }
                     }
                 }
                 HostMode::Active if h.rec.welcome_back => {
-                    let mut waiting = false;
+                    let name = h.rec.name.as_str();
+                    // VMs its drain still moves away will have to come back.
+                    let mut waiting = inv.vms_on(h.rec.id).any(|v| {
+                        v.migration
+                            .as_ref()
+                            .is_some_and(|m| m.reason.starts_with(REASON_PREFIX))
+                    });
                     for vm in inv.vms().values() {
-                        if vm.evacuated_from.as_deref() != Some(h.rec.name.as_str()) {
+                        if vm.evacuated_from.as_deref() != Some(name) {
                             continue;
                         }
                         waiting = true;

@@ -248,14 +248,13 @@ fn complete(
         .host_by_id(m.target_id)
         .map_or_else(|| vm.zone.clone(), |h| h.rec.zone.clone());
     // A drain remembers where the VM came from (the first host, over
-    // several moves); arriving back there closes the account.
-    let draining = inv
-        .host_by_id(m.source_id)
-        .is_some_and(|h| h.rec.mode == super::hosts::HostMode::Draining);
+    // several moves; also when the host was undrained meanwhile); arriving
+    // back there closes the account.
+    let drained = m.reason.starts_with(super::drains::REASON_PREFIX);
     let evacuated_from = match &vm.evacuated_from {
         Some(home) if *home == m.target => None,
         Some(home) => Some(home.clone()),
-        None if draining => Some(m.source.clone()),
+        None if drained => Some(m.source.clone()),
         None => None,
     };
     let last = result(m, MigrationOutcome::Completed, None);
