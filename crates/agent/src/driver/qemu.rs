@@ -80,13 +80,17 @@ impl Qemu {
     }
 
     pub fn guest(&self, id: Uuid) -> QemuGuest {
+        let dir = self.vms_dir.join(id.to_string());
+        let local = dir.join("disk.qcow2");
+        // A guest created before the host had its datastore keeps its disk.
+        let shared = self.datastore.as_ref().filter(|_| !local.exists());
         QemuGuest {
-            dir: self.vms_dir.join(id.to_string()),
-            disk: match &self.datastore {
+            disk: match shared {
                 Some(ds) => ds.join("disks").join(format!("{id}.qcow2")),
-                None => self.vms_dir.join(id.to_string()).join("disk.qcow2"),
+                None => local,
             },
-            shared_disk: self.datastore.is_some(),
+            shared_disk: shared.is_some(),
+            dir,
             accel: self.accel,
             qmp: None,
             events: None,
