@@ -209,7 +209,8 @@ async fn run(
                 actor.send(&spec, &rx).await;
             }
             None => {
-                if let Some(done) = actor.guest.finish_incoming().await {
+                let running = spec.power == PowerState::Running;
+                if let Some(done) = actor.guest.finish_incoming(running).await {
                     actor.report_migration(done, true);
                 }
             }
@@ -273,14 +274,22 @@ impl Actor {
             return;
         }
         if !self.guest.is_running().await {
-            self.report_migration(
-                MigrationStatus {
-                    message: Some("the guest is not running here".into()),
-                    ..crate::driver::migration_status(*id, MigrationState::Failed)
-                },
-                true,
-            );
-            return;
+            // A stopped VM moves cold: its QEMU starts, vCPUs stopped, only
+            // to send it.
+            let started = match spec.power {
+                PowerState::Stopped => self.guest.start_paused(&self.shared, spec).await,
+                PowerState::Running => Err(anyhow::anyhow!("the guest is not running here")),
+            };
+            if let Err(e) = started {
+                self.report_migration(
+                    MigrationStatus {
+                        message: Some(format!("{e:#}")),
+                        ..crate::driver::migration_status(*id, MigrationState::Failed)
+                    },
+                    true,
+                );
+                return;
+            }
         }
         let out = Outgoing {
             id: *id,

@@ -252,8 +252,9 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
     still_counting(&cloud.client, "web", tick).await;
 }
 
-/// The planned outage: zone z1's guests move live to z2 through the CLI,
-/// keep running there, and come back to their own hosts afterwards.
+/// The planned outage: zone z1's guests move to z2 through the CLI — live,
+/// or cold for a stopped one — keep running there, and come back to their
+/// own hosts afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zone_is_evacuated_live_and_its_guests_return() {
     let image = tiny_image().unwrap();
@@ -281,6 +282,18 @@ async fn a_zone_is_evacuated_live_and_its_guests_return() {
         cloud.wait_console(name, GUEST_READY, BOOT).await.unwrap();
         homes.push(c.vm(name).await.unwrap().host);
     }
+    // One of them is stopped, with a file on its disk: it moves cold.
+    cloud
+        .console_run(
+            "db",
+            "dd if=/dev/urandom of=/data/blob bs=64k count=64 2>/dev/null; sync; echo wrote-b\"\"lob",
+            "wrote-blob\r\n",
+        )
+        .await
+        .unwrap();
+    let sum = file_sum(&cloud, "db").await;
+    c.vm_action("db", "stop").await.unwrap();
+    wait_vm(&c, "db", VmState::Stopped, BOOT).await.unwrap();
 
     let plan = cloud
         .cli(&["zone", "drain", "z1", "--dry-run", "-o", "json"], "")
@@ -303,7 +316,9 @@ async fn a_zone_is_evacuated_live_and_its_guests_return() {
         .cli(&["zone", "drain", "z1", "--wait"], "")
         .await
         .unwrap();
-    for name in names {
+    let db = c.vm("db").await.unwrap();
+    assert_eq!((db.zone.as_str(), db.state), ("z2", VmState::Stopped));
+    for name in ["mail", "web"] {
         let vm = c.vm(name).await.unwrap();
         assert_eq!((vm.zone.as_str(), vm.state), ("z2", VmState::Running));
         assert_eq!(cloud.boots(name).await.unwrap(), 0, "{name} moved live");
@@ -328,11 +343,19 @@ async fn a_zone_is_evacuated_live_and_its_guests_return() {
         assert_eq!(&vm.host, home, "{name} back home");
         assert_eq!(vm.evacuated_from, None);
     }
-    wait_until(Duration::from_secs(30), "one QEMU per guest", || async {
-        (cloud.qemu_pids().len() == names.len()).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "one QEMU per running guest",
+        || async { (cloud.qemu_pids().len() == 2).then_some(()) },
+    )
     .await
     .unwrap();
+    // The stopped VM, moved away and back with its disk, starts at home
+    // with its file intact.
+    c.vm_action("db", "start").await.unwrap();
+    wait_vm(&c, "db", VmState::Running, BOOT).await.unwrap();
+    cloud.wait_console("db", GUEST_READY, BOOT).await.unwrap();
+    assert_eq!(file_sum(&cloud, "db").await, sum);
 }
 
 /// A guest with half a GiB written to its local disk: the transfer is

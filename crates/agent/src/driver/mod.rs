@@ -154,11 +154,19 @@ impl Guest {
     }
 
     /// Target: the guest is this host's now; how its migration ended, the
-    /// first time this is asked.
-    pub async fn finish_incoming(&mut self) -> Option<MigrationStatus> {
+    /// first time this is asked (`running`: the guest is meant to run).
+    pub async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus> {
         match self {
-            Guest::Qemu(g) => g.finish_incoming().await,
+            Guest::Qemu(g) => g.finish_incoming(running).await,
             Guest::Sim(_) => None,
+        }
+    }
+
+    /// Source of a stopped VM's move: a QEMU with the guest's vCPUs stopped.
+    pub async fn start_paused(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
+        match self {
+            Guest::Qemu(g) => g.start_paused(shared, spec).await,
+            Guest::Sim(_) => Ok(()),
         }
     }
 

@@ -232,7 +232,14 @@ impl QemuGuest {
 
     pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
         self.prepare(shared, spec, DiskSetup::Keep).await?;
-        self.launch(spec, false).await
+        self.launch(spec, Launch::Run).await
+    }
+
+    /// Start QEMU with the guest's vCPUs stopped before they ever ran: a
+    /// stopped VM's QEMU, only to send the guest to another host.
+    pub async fn start_paused(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
+        self.prepare(shared, spec, DiskSetup::Keep).await?;
+        self.launch(spec, Launch::Paused).await
     }
 
     /// Everything QEMU needs before it starts: the directory, the disk (as
@@ -284,8 +291,8 @@ impl QemuGuest {
         self.write_seed(spec).await
     }
 
-    /// Start QEMU, detached; `incoming` leaves it waiting for a migration.
-    pub(super) async fn launch(&mut self, spec: &VmSpec, incoming: bool) -> anyhow::Result<()> {
+    /// Start QEMU, detached.
+    pub(super) async fn launch(&mut self, spec: &VmSpec, how: Launch) -> anyhow::Result<()> {
         for stale in ["qmp.sock", "console.sock", "qemu.pid"] {
             let _ = tokio::fs::remove_file(self.path(stale)).await;
         }
@@ -323,8 +330,14 @@ impl QemuGuest {
             .arg("-daemonize")
             .arg("-pidfile")
             .arg(format!("{dir}/qemu.pid"));
-        if incoming {
-            cmd.args(["-incoming", "defer"]);
+        match how {
+            Launch::Run => {}
+            Launch::Paused => {
+                cmd.arg("-S");
+            }
+            Launch::Incoming => {
+                cmd.args(["-incoming", "defer"]);
+            }
         }
         run(&mut cmd).await.context("starting QEMU")?;
         if !self.is_running().await {
@@ -476,6 +489,16 @@ impl QemuGuest {
         (secs > 0.0)
             .then(|| 100.0 * ticks.saturating_sub(t0) as f32 / metrics::TICKS_PER_SECOND / secs)
     }
+}
+
+/// How [`QemuGuest::launch`] starts QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Launch {
+    Run,
+    /// vCPUs stopped before they ran (`-S`).
+    Paused,
+    /// Waiting for a guest migrating in (`-incoming defer`).
+    Incoming,
 }
 
 /// How [`QemuGuest::prepare`] treats the disk.

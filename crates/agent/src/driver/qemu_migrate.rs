@@ -10,11 +10,15 @@
 //! target resumes the guest itself when the last copy lands, so the guest's
 //! pause never waits for the control plane.
 //!
+//! A stopped VM moves the same way: the source starts its QEMU with the
+//! vCPUs stopped (`-S`) just to send it, and the target's QEMU stays
+//! stopped after it arrived.
+//!
 //! Both sides keep a note in the VM's directory (`incoming.json`,
 //! `outgoing`), so a restarted agent picks up a migration QEMU is still
 //! carrying out instead of starting another.
 
-use super::qemu::{DiskSetup, QemuGuest};
+use super::qemu::{DiskSetup, Launch, QemuGuest};
 use crate::Shared;
 use anyhow::Context;
 use kumo_api::{MigrationProgress, MigrationState, MigrationStatus, MigrationStorage, VmSpec};
@@ -188,7 +192,7 @@ impl QemuGuest {
         };
         self.prepare(shared, spec, setup).await?;
         let _ = std::fs::remove_file(self.path("resumed_us"));
-        self.launch(spec, true).await?;
+        self.launch(spec, Launch::Incoming).await?;
         let qmp = self.qmp()?;
         let nbd = match storage {
             MigrationStorage::Shared => None,
@@ -230,9 +234,14 @@ impl QemuGuest {
     }
 
     /// Target, once the guest is its own: stop exporting the disk, and say
-    /// when the guest resumed here (once, for the migration just ended).
-    pub async fn finish_incoming(&mut self) -> Option<MigrationStatus> {
+    /// when the guest resumed here (once, for the migration just ended). A
+    /// stopped guest (`running` false) moved cold: there is no resume.
+    pub async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus> {
         let note = self.read_note::<IncomingNote>(INCOMING)?;
+        if !running {
+            let _ = std::fs::remove_file(self.path(INCOMING));
+            return None;
+        }
         let qmp = self.qmp().ok()?.clone();
         // The source may finish sending before this QEMU has loaded the
         // last of it: wait for the guest to run here.

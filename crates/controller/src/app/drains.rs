@@ -9,13 +9,12 @@
 //! `return` moves it back there. A dry run computes the whole plan on a copy
 //! of the scheduler's state and moves nothing.
 
-use super::migrations::move_request;
+use super::migrations::{movable, move_request};
 use super::{hosts, lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use hosts::HostMode;
 use kumo_api::{
-    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, PlannedMove, PowerState, Vm,
-    VmState,
+    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState,
 };
 
 /// What the migrations of a drain give as their reason, first (the VMs
@@ -65,11 +64,11 @@ impl Inventory {
                 moves.push(planned(Some(m.target.clone()), None));
                 continue;
             }
-            if vm.power != PowerState::Running || vm.state != VmState::Running {
+            if !movable(vm) {
                 moves.push(planned(
                     None,
                     Some(format!(
-                        "VM is {}: only running VMs move live; start, repair or delete it",
+                        "VM is {}: only running and stopped VMs move; repair or delete it",
                         vm.state
                     )),
                 ));
@@ -306,10 +305,7 @@ impl App {
                         continue;
                     }
                     for vm in inv.vms_on(h.rec.id) {
-                        let movable = vm.migration.is_none()
-                            && vm.state == VmState::Running
-                            && !recently_failed(vm);
-                        if movable {
+                        if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
                             let reason = format!("{REASON_PREFIX}{}", h.rec.name);
                             wanted.push((vm.name.clone(), None, reason));
                         }
@@ -328,10 +324,7 @@ impl App {
                             continue;
                         }
                         waiting = true;
-                        if vm.migration.is_none()
-                            && vm.state == VmState::Running
-                            && !recently_failed(vm)
-                        {
+                        if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
                             let reason = format!("return to host {} after its drain", h.rec.name);
                             wanted.push((vm.name.clone(), Some(h.rec.name.clone()), reason));
                         }

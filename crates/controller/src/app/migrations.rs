@@ -263,7 +263,11 @@ fn complete(
         format!("vm/{}", vm.name),
         &vm.project,
         format!(
-            "moved live from {} to {} ({} storage) in {:.1} s; reason: {}",
+            "moved {} from {} to {} ({} storage) in {:.1} s; reason: {}",
+            match vm.power {
+                PowerState::Running => "live",
+                PowerState::Stopped => "stopped",
+            },
             m.source,
             m.target,
             storage_name(m.storage),
@@ -278,7 +282,10 @@ fn complete(
         host_id: m.target_id,
         zone,
         cores: m.target_cores.clone(),
-        state: VmState::Running,
+        state: match vm.power {
+            PowerState::Running => VmState::Running,
+            PowerState::Stopped => VmState::Stopped,
+        },
         message: None,
         migration: None,
         last_migration: Some(last),
@@ -376,6 +383,14 @@ pub(super) fn move_request(
     })
 }
 
+/// Whether a VM is settled enough to move: running (live) or stopped (cold).
+pub(super) fn movable(vm: &Vm) -> bool {
+    matches!(
+        (vm.power, vm.state),
+        (PowerState::Running, VmState::Running) | (PowerState::Stopped, VmState::Stopped)
+    )
+}
+
 /// Why a VM cannot start moving now, if it cannot.
 fn check_movable(inv: &Inventory, vm: &Vm) -> Result<()> {
     let conflict = |msg: String| Err(ApiError::new(ErrorCode::Conflict, msg).into());
@@ -385,9 +400,9 @@ fn check_movable(inv: &Inventory, vm: &Vm) -> Result<()> {
             vm.name, m.source, m.target
         ));
     }
-    if vm.state != VmState::Running || vm.power != PowerState::Running {
+    if !movable(vm) {
         return conflict(format!(
-            "VM {:?} is {}; only a running VM migrates live",
+            "VM {:?} is {}; a VM moves when it is running (live) or stopped (cold)",
             vm.name, vm.state
         ));
     }
@@ -443,7 +458,8 @@ impl Inventory {
 }
 
 impl App {
-    /// Start moving a running VM live to another host.
+    /// Start moving a VM to another host: live if it runs, cold (its disk
+    /// copied, nothing running) if it is stopped.
     pub async fn vm_migrate(&self, name: &str, req: MigrateVm) -> Result<Vm> {
         let mut inv = self.inv.write().await;
         self.start_migration(&mut inv, name, req, "requested".into())
@@ -504,7 +520,9 @@ impl App {
             migration: Some(m),
             ..vm.clone()
         };
-        next.state = VmState::Migrating;
+        if vm.state == VmState::Running {
+            next.state = VmState::Migrating;
+        }
         let mut batch = Batch::default();
         batch.put(key(name), &record(&next));
         let rec = match bump_generation(inv, target.id, &mut batch) {
