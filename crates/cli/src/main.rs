@@ -297,7 +297,7 @@ enum VmCmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Move a running VM live to another host.
+    /// Move a VM to another host: live if it runs, cold if it is stopped.
     Migrate {
         name: String,
         /// Target host (default: the scheduler chooses).

@@ -76,8 +76,8 @@ pub async fn reboot(state: AppState, Path(name): Path<String>) -> Result<(Status
     Ok((StatusCode::ACCEPTED, Json(state.vm_reboot(&name).await?)))
 }
 
-/// Move a running VM live to another host (the scheduler chooses unless
-/// `to` names one). Follow `migration` on the VM; `last_migration` says how
+/// Move a VM to another host, live if it runs, cold if it is stopped (the
+/// scheduler chooses unless `to` names one). Follow `migration` on the VM; `last_migration` says how
 /// it ended.
 #[utoipa::path(post, path = "/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = MigrateVm,
     responses((status = 202, body = Vm), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
