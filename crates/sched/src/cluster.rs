@@ -442,11 +442,43 @@ impl Cluster {
     /// the VM. Load-aware placement, rank expressions and soft group rules
     /// weigh every host.
     pub fn place(&mut self, vm: &str, req: &Request) -> Result<Placement, Refusal> {
-        let i = match self.indexed_choice(req) {
+        let i = match self.indexed_choice(req, &self.group_totals) {
             Some(i) => i,
-            None => self.scan(req)?,
+            None => self.scan(req, &self.group_totals)?,
         };
         Ok(self.reserve(vm, i, req))
+    }
+
+    /// Choose a new host for the placed VM `vm` (moving away from
+    /// `req.from_host`) and reserve what it needs there under `key`, as
+    /// [`Cluster::place`] does, except that the VM itself does not count as
+    /// a member of its groups: a lone member of a hard affinity group may
+    /// go anywhere.
+    pub fn place_moving(
+        &mut self,
+        vm: &str,
+        key: &str,
+        req: &Request,
+    ) -> Result<Placement, Refusal> {
+        let totals = self.totals_without(vm, req);
+        let i = match self.indexed_choice(req, &totals) {
+            Some(i) => i,
+            None => self.scan(req, &totals)?,
+        };
+        Ok(self.reserve(key, i, req))
+    }
+
+    /// The totals of the request's groups, without the placed VM `vm`.
+    fn totals_without(&self, vm: &str, req: &Request) -> HashMap<String, u32> {
+        let own: &[String] = self.vms.get(vm).map_or(&[], |e| &e.groups);
+        req.groups
+            .iter()
+            .map(|g| {
+                let total = self.group_totals.get(&g.name).copied().unwrap_or(0);
+                let mine = own.iter().filter(|n| **n == g.name).count() as u32;
+                (g.name.clone(), total.saturating_sub(mine))
+            })
+            .collect()
     }
 
     /// The host a request moves a VM away from.
@@ -455,7 +487,7 @@ impl Cluster {
         self.hosts[i].as_ref().map(|h| &h.info)
     }
 
-    fn indexed_choice(&self, req: &Request) -> Option<usize> {
+    fn indexed_choice(&self, req: &Request, totals: &HashMap<String, u32>) -> Option<usize> {
         let from = self.moving_from(req);
         if req.policy == Policy::LoadAware
             || req.rank.is_some()
@@ -465,7 +497,7 @@ impl Cluster {
         }
         let fits = |&&(_, i): &&(u64, usize)| {
             let h = self.hosts[i].as_ref().expect("indexed hosts exist");
-            h.check(req, from, &self.group_totals).is_none()
+            h.check(req, from, totals).is_none()
         };
         let room = self.by_free_memory.range((req.size.memory_mib, 0)..);
         match req.policy {
@@ -495,21 +527,21 @@ impl Cluster {
     }
 
     /// Weigh every host: the best by policy and soft rules, or why none.
-    fn scan(&self, req: &Request) -> Result<usize, Refusal> {
+    fn scan(&self, req: &Request, totals: &HashMap<String, u32>) -> Result<usize, Refusal> {
         let from = self.moving_from(req);
         let mut excluded = [0usize; Constraint::ALL.len()];
         let mut near: Option<(usize, Constraint)> = None;
         let mut best: Option<(usize, (u32, f64, f64))> = None;
         for (i, h) in self.hosts.iter().enumerate() {
             let Some(h) = h else { continue };
-            if let Some(c) = h.check(req, from, &self.group_totals) {
+            if let Some(c) = h.check(req, from, totals) {
                 excluded[c as usize] += 1;
                 if near.is_none_or(|(_, n)| c > n) {
                     near = Some((i, c));
                 }
                 continue;
             }
-            let soft = h.soft_violations(req, &self.group_totals);
+            let soft = h.soft_violations(req, totals);
             // Higher rank first; a host whose rank cannot be computed last.
             let rank = req.rank.as_ref().map_or(0.0, |e| {
                 -e.eval_number(&HostContext(h)).unwrap_or(f64::NEG_INFINITY)
@@ -818,18 +850,7 @@ impl Cluster {
     /// Checks `req` for `vm` against many hosts, with what does not depend
     /// on the host worked out once.
     pub(crate) fn mover<'a>(&'a self, vm: &str, req: &'a Request) -> Mover<'a> {
-        let own: &[String] = self.vms.get(vm).map_or(&[], |e| &e.groups);
-        // `check` reads the totals of the request's hard groups only.
-        let group_totals = req
-            .groups
-            .iter()
-            .filter(|g| g.hard)
-            .map(|g| {
-                let total = self.group_totals.get(&g.name).copied().unwrap_or(0);
-                let mine = own.iter().filter(|n| **n == g.name).count() as u32;
-                (g.name.clone(), total.saturating_sub(mine))
-            })
-            .collect();
+        let group_totals = self.totals_without(vm, req);
         Mover {
             cluster: self,
             req,
@@ -989,6 +1010,43 @@ mod tests {
             ..req(1, 512)
         };
         assert_eq!(c.place("v4", &load).unwrap().host, "b");
+    }
+
+    #[test]
+    fn a_moving_vm_does_not_hold_its_own_affinity_group() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z", 8, 8192));
+        c.upsert_host(host("b", "z", 8, 8192));
+        let group = Group {
+            name: "g".into(),
+            anti: false,
+            hard: true,
+        };
+        let member = Request {
+            groups: vec![group],
+            ..req(1, 512)
+        };
+        assert_eq!(c.place("v1", &member).unwrap().host, "a");
+        let moving = Request {
+            from_host: Some("a".into()),
+            ..member.clone()
+        };
+        // Counted as a member, the lone VM would tie itself to its host.
+        let refusal = c.place("v1 (moving)", &moving).unwrap_err();
+        assert_eq!(
+            refusal.near_miss.map(|(_, k)| k),
+            Some(Constraint::Affinity)
+        );
+        let p = c.place_moving("v1", "v1 (moving)", &moving).unwrap();
+        assert_eq!(p.host, "b");
+        c.release("v1 (moving)");
+        // With a second member on its host, the group keeps it there.
+        c.place("v2", &member).unwrap();
+        let refusal = c.place_moving("v1", "v1 (moving)", &moving).unwrap_err();
+        assert!(
+            refusal.excluded.contains(&(Constraint::Affinity, 1)),
+            "{refusal}"
+        );
     }
 
     #[test]
@@ -1348,8 +1406,8 @@ mod tests {
                         let vm = format!("vm{n}");
                         // For spread, the index finds the host a full scan
                         // would (ties aside); pack weighs a window of it.
-                        if let Some(i) = c.indexed_choice(&r) {
-                            let best = c.scan(&r).expect("the index found a host");
+                        if let Some(i) = c.indexed_choice(&r, &c.group_totals) {
+                            let best = c.scan(&r, &c.group_totals).expect("the index found a host");
                             if r.policy == Policy::Spread {
                                 let free = |i: usize| c.hosts[i].as_ref().unwrap().memory_room();
                                 prop_assert_eq!(free(i), free(best));

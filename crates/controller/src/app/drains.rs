@@ -76,7 +76,7 @@ impl Inventory {
             }
             let placed = move_request(self, vm, None).map(|req| {
                 cluster
-                    .place(&migration_key(&vm.name), &req)
+                    .place_moving(&vm.name, &migration_key(&vm.name), &req)
                     .map_err(|r| r.to_string())
             });
             moves.push(match placed {

@@ -437,7 +437,7 @@ impl Inventory {
             request = move_request(self, vm, Some(to))?;
             return self
                 .cluster
-                .place(&migration_key(&vm.name), &request)
+                .place_moving(&vm.name, &migration_key(&vm.name), &request)
                 .map_err(|refusal| {
                     let why = refusal
                         .near_miss
@@ -452,7 +452,7 @@ impl Inventory {
                 });
         }
         self.cluster
-            .place(&migration_key(&vm.name), &request)
+            .place_moving(&vm.name, &migration_key(&vm.name), &request)
             .map_err(|refusal| ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into())
     }
 }
