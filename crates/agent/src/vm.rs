@@ -284,7 +284,7 @@ impl Actor {
                 self.report_migration(
                     MigrationStatus {
                         message: Some(format!("{e:#}")),
-                        ..crate::driver::migration_status(*id, MigrationState::Failed)
+                        ..MigrationStatus::new(*id, MigrationState::Failed)
                     },
                     true,
                 );

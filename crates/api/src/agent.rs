@@ -108,6 +108,22 @@ pub struct MigrationStatus {
     pub message: Option<String>,
 }
 
+impl MigrationStatus {
+    /// One side's view of a migration, with nothing else known yet.
+    pub fn new(id: Uuid, state: MigrationState) -> Self {
+        MigrationStatus {
+            id,
+            state,
+            uri: None,
+            nbd: None,
+            progress: None,
+            event_us: None,
+            qemu_downtime_ms: None,
+            message: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Heartbeat {
     pub load: HostLoad,

@@ -784,18 +784,20 @@ impl Cluster {
         }
     }
 
-    /// Reserve on `host` what `req` needs for `vm` if the host passes
-    /// [`Cluster::check_host`]; a VM placed elsewhere moves (what it held
-    /// there is given back).
+    /// Reserve on `host`, under `key`, what `req` needs for `vm` if the host
+    /// passes [`Cluster::check_host`]. With `key` the VM's own name, a VM
+    /// placed elsewhere moves (what it held there is given back); with
+    /// another key it holds room in both places (a migration under way).
     pub fn place_on(
         &mut self,
         vm: &str,
+        key: &str,
         host: &str,
         req: &Request,
     ) -> Result<Placement, Constraint> {
         self.check_host(vm, host, req)?;
         let i = self.host_index(host).expect("checked");
-        Ok(self.reserve(vm, i, req))
+        Ok(self.reserve(key, i, req))
     }
 
     pub(crate) fn host_index(&self, name: &str) -> Option<usize> {

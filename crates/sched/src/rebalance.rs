@@ -750,7 +750,7 @@ mod tests {
     ) {
         match r.cpu_policy {
             CpuPolicy::Dedicated => {
-                c.place_on(vm, host, &r).unwrap();
+                c.place_on(vm, vm, host, &r).unwrap();
             }
             CpuPolicy::Shared => {
                 let groups = r.groups.iter().map(|g| g.name.clone()).collect();
@@ -1049,7 +1049,7 @@ mod tests {
         let mut c = Cluster::default();
         c.upsert_host(host("a", "z", 4, 65536, 100.0));
         c.upsert_host(host("b", "z", 4, 65536, 0.0));
-        c.place_on("v", "a", &req(1, 512)).unwrap();
+        c.place_on("v", "v", "a", &req(1, 512)).unwrap();
         let stale = |vm: &str, host: &str| Candidate {
             vm: vm.into(),
             host: host.into(),

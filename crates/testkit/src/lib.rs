@@ -65,6 +65,33 @@ pub async fn wait_vm(client: &Client, name: &str, state: VmState, timeout: Durat
     .await
 }
 
+/// Wait until the VM's migration ended; the VM as it ended
+/// (`last_migration` says how).
+pub async fn wait_migration_ended(client: &Client, name: &str, timeout: Duration) -> Result<Vm> {
+    wait_until(timeout, &format!("migration of {name} ended"), || async {
+        client
+            .vm(name)
+            .await
+            .ok()
+            .filter(|v| v.migration.is_none() && v.last_migration.is_some())
+    })
+    .await
+}
+
+/// The kinds of the events about `resource` (all events if `None`).
+pub async fn event_kinds(client: &Client, resource: Option<&str>) -> Result<Vec<String>> {
+    let q = kumo_api::EventQuery {
+        resource: resource.map(str::to_string),
+        ..Default::default()
+    };
+    Ok(client
+        .events(&q)
+        .await?
+        .into_iter()
+        .map(|e| e.kind)
+        .collect())
+}
+
 pub async fn create_zone(client: &Client, name: &str) -> Result<()> {
     client
         .zone_create(&CreateZone {

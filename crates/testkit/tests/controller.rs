@@ -3,7 +3,7 @@
 
 use kumo_api::{CreateVm, CreateZone, ErrorCode, EventQuery, HostState, PowerState, VmState};
 use kumo_client::Client;
-use kumo_testkit::{blank_image, vm_request, wait_until, wait_vm, SimCloud};
+use kumo_testkit::{blank_image, event_kinds, vm_request, wait_until, wait_vm, SimCloud};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
@@ -55,16 +55,7 @@ async fn vm_lifecycle_on_a_simulated_host() {
     .unwrap();
     assert_eq!(c.host("h1").await.unwrap().allocated.vcpus, 0);
 
-    let kinds: Vec<String> = c
-        .events(&EventQuery {
-            resource: Some("vm/web".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(c, Some("vm/web")).await.unwrap();
     for k in [
         "vm.created",
         "vm.running",
@@ -132,13 +123,7 @@ async fn host_without_heartbeats_goes_down_and_comes_back() {
     assert_eq!(c.host("h1").await.unwrap().capacity.vcpus, 16);
     assert_eq!(c.hosts().await.unwrap().len(), 1);
     assert_eq!(c.vms().await.unwrap().len(), 1);
-    let kinds: Vec<String> = c
-        .events(&EventQuery::default())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(&c, None).await.unwrap();
     assert!(
         kinds.contains(&"host.down".to_string()) && kinds.contains(&"host.up".to_string()),
         "{kinds:?}"

@@ -4,7 +4,9 @@
 
 use kumo_api::{MigrateVm, MigrationOutcome, MigrationStorage, Vm, VmState};
 use kumo_client::Client;
-use kumo_testkit::{tiny_image, vm_request, wait_until, wait_vm, RealCloud, GUEST_READY};
+use kumo_testkit::{
+    tiny_image, vm_request, wait_migration_ended, wait_until, wait_vm, RealCloud, GUEST_READY,
+};
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -64,14 +66,7 @@ async fn migrate(c: &Client, name: &str, to: &str) -> Vm {
 }
 
 async fn ended(c: &Client, name: &str) -> Vm {
-    wait_until(MOVE, &format!("migration of {name} ended"), || async {
-        c.vm(name)
-            .await
-            .ok()
-            .filter(|v| v.migration.is_none() && v.last_migration.is_some())
-    })
-    .await
-    .unwrap()
+    wait_migration_ended(c, name, MOVE).await.unwrap()
 }
 
 /// What `command` prints between `V:` and `:END` on the console (the

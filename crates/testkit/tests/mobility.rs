@@ -2,11 +2,13 @@
 //! drain, zone evacuation and return, rebalancing and consolidation.
 
 use kumo_api::{
-    CreateGroup, CreateVm, ErrorCode, EventQuery, GroupPolicy, Host, HostState, MigrateVm,
-    MigrationOutcome, PlacementPolicy, Vm, VmState,
+    CreateGroup, CreateVm, ErrorCode, GroupPolicy, Host, HostState, MigrateVm, MigrationOutcome,
+    PlacementPolicy, Vm, VmState,
 };
 use kumo_client::Client;
-use kumo_testkit::{blank_image, vm_request, wait_until, wait_vm, SimCloud};
+use kumo_testkit::{
+    blank_image, event_kinds, vm_request, wait_migration_ended, wait_until, wait_vm, SimCloud,
+};
 use kumod::app::drains::PARALLEL_MIGRATIONS;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -24,16 +26,8 @@ async fn two_zones() -> SimCloud {
     cloud
 }
 
-/// Wait until the VM's migration ended; the VM as it ended.
 async fn migration_ended(c: &Client, name: &str) -> Vm {
-    wait_until(T, &format!("migration of {name} ended"), || async {
-        c.vm(name)
-            .await
-            .ok()
-            .filter(|v| v.migration.is_none() && v.last_migration.is_some())
-    })
-    .await
-    .unwrap()
+    wait_migration_ended(c, name, T).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,7 +68,30 @@ async fn a_vm_moves_live_and_a_cancelled_move_leaves_it_where_it_was() {
     assert_eq!(err.code(), Some(ErrorCode::InvalidInput), "{err}");
     let err = c.vm_migrate_cancel("web").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+    // A named target without room says why.
+    c.vm_create(&CreateVm {
+        zone: Some("z2".into()),
+        memory_mib: 14 * 1024,
+        ..vm_request("filler", "tiny")
+    })
+    .await
+    .unwrap();
+    let to_h2 = MigrateVm {
+        to: Some("h2".into()),
+        ..Default::default()
+    };
+    let err = c.vm_migrate("web", &to_h2).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoValidHost), "{err}");
+    assert!(
+        err.to_string()
+            .contains("host h2 cannot take VM \"web\": too little free memory"),
+        "{err}"
+    );
     assert!(c.vm("web").await.unwrap().migration.is_none());
+    c.vm_delete("filler").await.unwrap();
+    wait_until(T, "filler gone", || async { c.vm("filler").await.err() })
+        .await
+        .unwrap();
 
     // The scheduler picks the only other host; the room is held there
     // while the VM moves.
@@ -112,16 +129,7 @@ async fn a_vm_moves_live_and_a_cancelled_move_leaves_it_where_it_was() {
     assert_eq!(c.host("h1").await.unwrap().allocated.memory_mib, 0);
     wait_vm(c, "web", VmState::Running, T).await.unwrap();
 
-    let kinds: Vec<String> = c
-        .events(&EventQuery {
-            resource: Some("vm/web".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(c, Some("vm/web")).await.unwrap();
     for kind in [
         "vm.migration.started",
         "vm.migrated",

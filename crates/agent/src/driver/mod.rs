@@ -8,7 +8,7 @@ pub mod sim;
 
 use crate::Shared;
 use kumo_api::{HypervisorInfo, MigrationStatus, MigrationStorage, VmSpec};
-pub use qemu_migrate::{status as migration_status, Outgoing};
+pub use qemu_migrate::Outgoing;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use uuid::Uuid;

@@ -52,24 +52,10 @@ struct IncomingNote {
     nbd: Option<String>,
 }
 
-/// One side's view of a migration, for the VM's status.
-pub fn status(id: Uuid, state: MigrationState) -> MigrationStatus {
-    MigrationStatus {
-        id,
-        state,
-        uri: None,
-        nbd: None,
-        progress: None,
-        event_us: None,
-        qemu_downtime_ms: None,
-        message: None,
-    }
-}
-
 fn failed(id: Uuid, e: anyhow::Error) -> MigrationStatus {
     MigrationStatus {
         message: Some(format!("{e:#}")),
-        ..status(id, MigrationState::Failed)
+        ..MigrationStatus::new(id, MigrationState::Failed)
     }
 }
 
@@ -131,13 +117,13 @@ impl QemuGuest {
                 match qmp.query_status().await {
                     Ok(s) if s.running => MigrationStatus {
                         event_us: self.resumed_us(),
-                        ..status(id, MigrationState::Completed)
+                        ..MigrationStatus::new(id, MigrationState::Completed)
                     },
                     // Still receiving (a failed transfer makes QEMU exit).
                     _ => MigrationStatus {
                         uri: Some(note.uri),
                         nbd: note.nbd,
-                        ..status(id, MigrationState::Listening)
+                        ..MigrationStatus::new(id, MigrationState::Listening)
                     },
                 }
             }
@@ -154,7 +140,7 @@ impl QemuGuest {
                     Ok(note) => MigrationStatus {
                         uri: Some(note.uri),
                         nbd: note.nbd,
-                        ..status(id, MigrationState::Listening)
+                        ..MigrationStatus::new(id, MigrationState::Listening)
                     },
                     Err(e) => {
                         let _ = self.kill().await;
@@ -239,6 +225,11 @@ impl QemuGuest {
     pub async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus> {
         let note = self.read_note::<IncomingNote>(INCOMING)?;
         if !running {
+            // It arrived stopped and stays so: its QEMU has done its job.
+            if let Err(e) = self.kill().await {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "stopping the QEMU that received a stopped guest");
+                return None;
+            }
             let _ = std::fs::remove_file(self.path(INCOMING));
             return None;
         }
@@ -251,7 +242,7 @@ impl QemuGuest {
         let _ = qmp.execute("nbd-server-stop", None).await;
         let done = MigrationStatus {
             event_us: self.resumed_us(),
-            ..status(note.id, MigrationState::Completed)
+            ..MigrationStatus::new(note.id, MigrationState::Completed)
         };
         let _ = std::fs::remove_file(self.path(INCOMING));
         Some(done)
@@ -322,7 +313,7 @@ impl QemuGuest {
             };
         if !sending {
             if cancelled() {
-                return Ok(status(out.id, MigrationState::Cancelled));
+                return Ok(MigrationStatus::new(out.id, MigrationState::Cancelled));
             }
             self.write_note(
                 OUTGOING,
@@ -370,7 +361,7 @@ impl QemuGuest {
                         progress: Some(progress),
                         event_us: self.last_event("STOP"),
                         qemu_downtime_ms: q["downtime"].as_u64(),
-                        ..status(out.id, MigrationState::Completed)
+                        ..MigrationStatus::new(out.id, MigrationState::Completed)
                     });
                 }
                 "failed" => {
@@ -386,7 +377,7 @@ impl QemuGuest {
                             Some(json!({"device": MIRROR_JOB, "force": true})),
                         )
                         .await;
-                    return Ok(status(out.id, MigrationState::Cancelled));
+                    return Ok(MigrationStatus::new(out.id, MigrationState::Cancelled));
                 }
                 "none" => anyhow::bail!("QEMU has no transfer under way"),
                 _ => {}
@@ -398,7 +389,7 @@ impl QemuGuest {
             }
             report(MigrationStatus {
                 progress: Some(progress),
-                ..status(out.id, MigrationState::Active)
+                ..MigrationStatus::new(out.id, MigrationState::Active)
             });
             tokio::time::sleep(POLL).await;
         }
@@ -442,11 +433,14 @@ impl QemuGuest {
                     Some(json!({"device": MIRROR_JOB, "force": true})),
                 )
                 .await?;
-                return Ok(Some(status(out.id, MigrationState::Cancelled)));
+                return Ok(Some(MigrationStatus::new(
+                    out.id,
+                    MigrationState::Cancelled,
+                )));
             }
             report(MigrationStatus {
                 progress: Some(progress(&Value::Null, Some(done), started)),
-                ..status(out.id, MigrationState::Active)
+                ..MigrationStatus::new(out.id, MigrationState::Active)
             });
             tokio::time::sleep(POLL).await;
         }

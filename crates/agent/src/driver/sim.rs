@@ -7,7 +7,6 @@
 //! is the sum of its running guests' use over its vCPUs (see
 //! [`host_load`]).
 
-use super::migration_status;
 use kumo_api::{
     HostLoad, MigrationProgress, MigrationState, MigrationStatus, ObservedState, VmSpec, VmStatus,
 };
@@ -72,7 +71,7 @@ impl SimGuest {
         self.running = true;
         MigrationStatus {
             uri: Some("sim:".into()),
-            ..migration_status(id, MigrationState::Listening)
+            ..MigrationStatus::new(id, MigrationState::Listening)
         }
     }
 
@@ -87,7 +86,7 @@ impl SimGuest {
         let steps = (spec.size.memory_mib / 1024).max(1) * 2;
         for step in 0..steps {
             if cancelled() {
-                return migration_status(id, MigrationState::Cancelled);
+                return MigrationStatus::new(id, MigrationState::Cancelled);
             }
             report(MigrationStatus {
                 progress: Some(MigrationProgress {
@@ -97,11 +96,11 @@ impl SimGuest {
                     memory_remaining_bytes: bytes - bytes * step / steps,
                     ..Default::default()
                 }),
-                ..migration_status(id, MigrationState::Active)
+                ..MigrationStatus::new(id, MigrationState::Active)
             });
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        migration_status(id, MigrationState::Completed)
+        MigrationStatus::new(id, MigrationState::Completed)
     }
 }
 

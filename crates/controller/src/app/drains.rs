@@ -74,7 +74,7 @@ impl Inventory {
                 ));
                 continue;
             }
-            let placed = move_request(self, vm, None).map(|req| {
+            let placed = move_request(self, vm).map(|req| {
                 cluster
                     .place_moving(&vm.name, &migration_key(&vm.name), &req)
                     .map_err(|r| r.to_string())
@@ -280,7 +280,7 @@ impl App {
     /// finish drains whose hosts are empty.
     pub async fn move_vms(&self) -> Result<()> {
         let mut inv = self.inv.write().await;
-        let in_flight = inv.vms().values().filter(|v| v.migration.is_some()).count();
+        let in_flight = inv.vms_migrating().count();
         let mut budget = PARALLEL_MIGRATIONS.saturating_sub(in_flight);
         let now = now_ms();
         let recently_failed = |v: &Vm| {

@@ -353,30 +353,20 @@ pub(super) fn record_progress(inv: &mut Inventory, host: &str, statuses: &[VmSta
     }
 }
 
-/// The placement request a VM was created with, moving away from its host
-/// (to host `only`, if given).
-pub(super) fn move_request(
-    inv: &Inventory,
-    vm: &Vm,
-    only: Option<&str>,
-) -> Result<kumo_sched::Request> {
-    let parse = |src: Option<String>| {
+/// The placement request a VM was created with, moving away from its host.
+pub(super) fn move_request(inv: &Inventory, vm: &Vm) -> Result<kumo_sched::Request> {
+    let parse = |src: &Option<String>| {
         src.as_deref()
             .map(kumo_sched::parse_host_expr)
             .transpose()
             .map_err(|e| crate::Error::internal(format!("VM {}: stored expression: {e}", vm.name)))
     };
-    let requirements = match (&vm.requirements, only) {
-        (Some(r), Some(to)) => Some(format!("({r}) && name == {to:?}")),
-        (None, Some(to)) => Some(format!("name == {to:?}")),
-        (r, None) => r.clone(),
-    };
     Ok(kumo_sched::Request {
         size: vm.size,
         cpu_policy: vm.cpu_policy,
         zone: None,
-        requirements: parse(requirements)?,
-        rank: parse(vm.rank.clone())?,
+        requirements: parse(&vm.requirements)?,
+        rank: parse(&vm.rank)?,
         groups: inv.group_rules(&vm.groups)?,
         policy: Default::default(),
         from_host: Some(vm.host.clone()),
@@ -422,38 +412,31 @@ impl Inventory {
     /// Plan a VM's move: the scheduler chooses the target (or checks the
     /// one asked for) and reserves room there.
     fn reserve_move(&mut self, vm: &Vm, to: Option<&str>) -> Result<kumo_sched::Placement> {
-        let mut request = move_request(self, vm, None)?;
-        if let Some(to) = to {
-            let target = lookup(&self.hosts, "host", to)?;
-            if target.rec.id == vm.host_id {
-                return Err(ApiError::invalid(
-                    "to",
-                    format!("VM {:?} already runs on {to}", vm.name),
-                )
-                .into());
-            }
-            // Only the named host may qualify; the refusal then says why it
-            // does not.
-            request = move_request(self, vm, Some(to))?;
+        let request = move_request(self, vm)?;
+        let key = migration_key(&vm.name);
+        let Some(to) = to else {
             return self
                 .cluster
-                .place_moving(&vm.name, &migration_key(&vm.name), &request)
+                .place_moving(&vm.name, &key, &request)
                 .map_err(|refusal| {
-                    let why = refusal
-                        .near_miss
-                        .as_ref()
-                        .filter(|(h, _)| h == to)
-                        .map_or_else(|| refusal.to_string(), |(_, c)| c.describe().to_string());
-                    ApiError::new(
-                        ErrorCode::NoValidHost,
-                        format!("host {to} cannot take VM {:?}: {why}", vm.name),
-                    )
-                    .into()
+                    ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into()
                 });
+        };
+        let target = lookup(&self.hosts, "host", to)?;
+        if target.rec.id == vm.host_id {
+            return Err(
+                ApiError::invalid("to", format!("VM {:?} already runs on {to}", vm.name)).into(),
+            );
         }
         self.cluster
-            .place_moving(&vm.name, &migration_key(&vm.name), &request)
-            .map_err(|refusal| ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into())
+            .place_on(&vm.name, &key, to, &request)
+            .map_err(|c| {
+                ApiError::new(
+                    ErrorCode::NoValidHost,
+                    format!("host {to} cannot take VM {:?}: {}", vm.name, c.describe()),
+                )
+                .into()
+            })
     }
 }
 
@@ -613,8 +596,7 @@ impl App {
     pub async fn migrations_check(&self) -> Result<()> {
         let mut inv = self.inv.write().await;
         let stuck: Vec<(Vm, Migration, String)> = inv
-            .vms()
-            .values()
+            .vms_migrating()
             .filter_map(|vm| {
                 let m = vm.migration.as_ref()?;
                 let state = |id| inv.host_by_id(id).map(|h| h.state());
@@ -691,21 +673,8 @@ mod tests {
             message: None,
             migration: Some(MigrationStatus {
                 uri: Some("tcp:10.0.0.2:4000".into()),
-                ..status(id, state)
+                ..MigrationStatus::new(Uuid::from_u128(id), state)
             }),
-        }
-    }
-
-    fn status(id: u128, state: MigrationState) -> MigrationStatus {
-        MigrationStatus {
-            id: Uuid::from_u128(id),
-            state,
-            uri: None,
-            nbd: None,
-            progress: None,
-            event_us: None,
-            qemu_downtime_ms: None,
-            message: None,
         }
     }
 

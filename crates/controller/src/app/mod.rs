@@ -48,6 +48,9 @@ pub struct Inventory {
     /// (allocation, heartbeats, desired state) never scan every VM.
     placed: HashMap<Uuid, Placed>,
     vm_names: HashMap<Uuid, String>,
+    /// VMs with a migration under way, so the passes that run every tick
+    /// never scan every VM.
+    migrating: BTreeSet<String>,
     /// The scheduler's view, kept in step with `hosts` and `vms`.
     pub cluster: kumo_sched::Cluster,
     pub join_tokens: BTreeMap<Uuid, TokenRecord>,
@@ -106,6 +109,7 @@ impl Inventory {
             let target = self.placed.entry(m.target_id).or_default();
             target.incoming.insert(vm.name.clone());
             target.allocated = target.allocated.add(&vm.size);
+            self.migrating.insert(vm.name.clone());
         }
         self.vm_names.insert(vm.id, vm.name.clone());
         self.vms.insert(vm.name.clone(), vm);
@@ -119,6 +123,7 @@ impl Inventory {
             placed.allocated = placed.allocated.saturating_sub(&vm.size);
         }
         if let Some(m) = &vm.migration {
+            self.migrating.remove(name);
             self.cluster.release(&migration_key(name));
             if let Some(target) = self.placed.get_mut(&m.target_id) {
                 target.incoming.remove(name);
@@ -136,6 +141,11 @@ impl Inventory {
             .into_iter()
             .flat_map(|p| p.names.iter())
             .filter_map(|name| self.vms.get(name))
+    }
+
+    /// The VMs with a migration under way.
+    pub fn vms_migrating(&self) -> impl Iterator<Item = &Vm> {
+        self.migrating.iter().filter_map(|name| self.vms.get(name))
     }
 
     /// The VMs migrating to a host.

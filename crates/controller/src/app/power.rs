@@ -701,7 +701,7 @@ impl App {
                 {
                     continue;
                 }
-                match super::migrations::move_request(&inv, vm, None) {
+                match super::migrations::move_request(&inv, vm) {
                     Ok(request) => candidates.push(Candidate {
                         vm: vm.name.clone(),
                         host: h.rec.name.clone(),

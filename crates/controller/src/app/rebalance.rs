@@ -140,7 +140,7 @@ impl Inventory {
     /// already moved from its source to its target.
     fn projected_cluster(&self) -> Cluster {
         let mut cluster = self.cluster.clone();
-        for vm in self.vms().values() {
+        for vm in self.vms_migrating() {
             let (Some(m), Some(cpu)) = (&vm.migration, vm.cpu_percent) else {
                 continue;
             };
@@ -218,7 +218,7 @@ impl App {
                 {
                     continue;
                 }
-                match move_request(&inv, vm, None) {
+                match move_request(&inv, vm) {
                     Ok(request) => candidates.push(Candidate {
                         vm: vm.name.clone(),
                         host: name.clone(),

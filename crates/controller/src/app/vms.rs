@@ -192,11 +192,13 @@ fn derive_power_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<St
             _ => (VmState::Starting, None),
         },
         PowerState::Stopped => match status.state {
-            ObservedState::Running
-            | ObservedState::Stopping
-            | ObservedState::Starting
-            | ObservedState::Incoming => (VmState::Stopping, None),
-            ObservedState::Stopped | ObservedState::Failed => (VmState::Stopped, None),
+            ObservedState::Running | ObservedState::Stopping | ObservedState::Starting => {
+                (VmState::Stopping, None)
+            }
+            // A stopped guest that just moved here never runs.
+            ObservedState::Stopped | ObservedState::Failed | ObservedState::Incoming => {
+                (VmState::Stopped, None)
+            }
         },
     }
 }
@@ -760,6 +762,16 @@ mod tests {
                 VmState::Stopping,
             ),
             (vm(Stopped, 0), Some(report(O::Failed, 0)), VmState::Stopped),
+            (
+                vm(Stopped, 0),
+                Some(report(O::Incoming, 0)),
+                VmState::Stopped,
+            ),
+            (
+                vm(Running, 0),
+                Some(report(O::Incoming, 0)),
+                VmState::Running,
+            ),
         ];
         for (vm, status, want) in cases {
             let (got, _) = derive_state(&vm, status.as_ref());

@@ -3,6 +3,7 @@
 //! baseline (the busiest VM of the most loaded host to the least loaded host
 //! that fits), measured in the same run.
 
+use super::sched::ZONES;
 use kumo_api::Resources;
 use kumo_sched::{
     imbalance, Candidate, Cluster, ConsolidationConfig, CpuPolicy, Group, HostInfo, Move, Policy,
@@ -10,10 +11,9 @@ use kumo_sched::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-const ZONES: usize = 4;
 /// Share of hot hosts per zone: the load is skewed across zones too.
 const HOT_SHARE: [f64; ZONES] = [0.30, 0.20, 0.10, 0.05];
 
@@ -27,22 +27,12 @@ struct Fleet {
 /// loads of its two hosts by different amounts.
 fn host(i: usize) -> HostInfo {
     let big = i % 5 == 0;
-    HostInfo {
-        name: format!("h{i:05}"),
-        zone: format!("z{}", i % ZONES),
-        capacity: Resources {
-            vcpus: if big { 64 } else { 32 },
-            memory_mib: if big { 512 } else { 256 } * 1024,
-            disk_gib: 8192,
-        },
-        cpu_overcommit: 4.0,
-        memory_overcommit: 1.0,
-        cpu_model: "EPYC".into(),
-        accel: "tcg".into(),
-        labels: BTreeMap::new(),
-        schedulable: true,
-        load: 0.0,
-    }
+    let capacity = Resources {
+        vcpus: if big { 64 } else { 32 },
+        memory_mib: if big { 512 } else { 256 } * 1024,
+        disk_gib: 8192,
+    };
+    super::sched::host(i, capacity, 4.0)
 }
 
 /// A VM: 1/2/4/8 vCPUs at 50/25/11/14 %, 1–4 GiB per vCPU; a few with

@@ -9,10 +9,14 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-fn host(i: usize, capacity: Resources, cpu_overcommit: f64) -> HostInfo {
+/// Zones the benchmark hosts are spread over.
+pub(super) const ZONES: usize = 4;
+
+/// Host `i`, in zone `z{i % ZONES}`.
+pub(super) fn host(i: usize, capacity: Resources, cpu_overcommit: f64) -> HostInfo {
     HostInfo {
         name: format!("h{i:05}"),
-        zone: format!("z{}", i % 4),
+        zone: format!("z{}", i % ZONES),
         capacity,
         cpu_overcommit,
         memory_overcommit: 1.0,
