@@ -533,6 +533,12 @@ pub struct MigrationProgress {
     /// Throttle auto-converge applies to the vCPUs, percent.
     pub cpu_throttle_percent: u64,
     pub elapsed_ms: u64,
+    /// The settings in force in the source QEMU: auto-converge (throttle
+    /// busy guests) and the downtime limit it aims for.
+    #[serde(default)]
+    pub auto_converge: bool,
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -374,7 +374,7 @@ async fn a_cancelled_transfer_leaves_the_guest_running_where_it_was() {
         "big",
         &MigrateVm {
             to: Some("h3".into()),
-            downtime_limit_ms: None,
+            downtime_limit_ms: Some(120),
         },
     )
     .await
@@ -396,6 +396,11 @@ async fn a_cancelled_transfer_leaves_the_guest_running_where_it_was() {
         "the copy ended before it could be cancelled: {:?}",
         vm.last_migration
     );
+    // The source QEMU holds the settings asked for.
+    let settings = progress
+        .as_ref()
+        .map(|p| (p.auto_converge, p.downtime_limit_ms));
+    assert_eq!(settings, Some((true, 120)), "{progress:?}");
     c.vm_migrate_cancel("big").await.unwrap();
     let vm = ended(c, "big").await;
     let last = vm.last_migration.unwrap();

@@ -332,8 +332,14 @@ impl QemuGuest {
                 Some(json!({"downtime-limit": out.downtime_limit_ms, "max-bandwidth": MAX_BANDWIDTH})),
             )
             .await?;
+        }
+        let settings = Settings::read(&qmp).await?;
+        if !sending {
             if let Some(nbd) = out.nbd {
-                if let Some(s) = self.mirror_disk(&qmp, out, nbd, report, cancelled).await? {
+                let mirrored = self
+                    .mirror_disk(&qmp, out, nbd, &settings, report, cancelled)
+                    .await?;
+                if let Some(s) = mirrored {
                     return Ok(s);
                 }
             }
@@ -347,7 +353,7 @@ impl QemuGuest {
         let mut asked_cancel = false;
         loop {
             let q = qmp.execute("query-migrate", None).await?;
-            let progress = progress(&q, None, started);
+            let progress = progress(&q, None, &settings, started);
             match q["status"].as_str().unwrap_or("none") {
                 "completed" => {
                     if out.nbd.is_some() {
@@ -402,6 +408,7 @@ impl QemuGuest {
         qmp: &kumo_qmp::Qmp,
         out: &Outgoing<'_>,
         nbd: &str,
+        settings: &Settings,
         report: &(dyn Fn(MigrationStatus) + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<Option<MigrationStatus>> {
@@ -439,7 +446,7 @@ impl QemuGuest {
                 )));
             }
             report(MigrationStatus {
-                progress: Some(progress(&Value::Null, Some(done), started)),
+                progress: Some(progress(&Value::Null, Some(done), settings, started)),
                 ..MigrationStatus::new(out.id, MigrationState::Active)
             });
             tokio::time::sleep(POLL).await;
@@ -461,7 +468,33 @@ fn find_job(jobs: &Value) -> Option<&Value> {
 
 /// Transfer figures from `query-migrate` (or, while the disk is copied,
 /// the mirror job's offset and length).
-fn progress(q: &Value, disk: Option<(u64, u64)>, started: Instant) -> MigrationProgress {
+/// The transfer settings QEMU holds (read back, not assumed).
+struct Settings {
+    auto_converge: bool,
+    downtime_limit_ms: u64,
+}
+
+impl Settings {
+    async fn read(qmp: &kumo_qmp::Qmp) -> anyhow::Result<Settings> {
+        let caps = qmp.execute("query-migrate-capabilities", None).await?;
+        let params = qmp.execute("query-migrate-parameters", None).await?;
+        let auto_converge = caps.as_array().is_some_and(|caps| {
+            caps.iter()
+                .any(|c| c["capability"] == "auto-converge" && c["state"] == true)
+        });
+        Ok(Settings {
+            auto_converge,
+            downtime_limit_ms: params["downtime-limit"].as_u64().unwrap_or_default(),
+        })
+    }
+}
+
+fn progress(
+    q: &Value,
+    disk: Option<(u64, u64)>,
+    settings: &Settings,
+    started: Instant,
+) -> MigrationProgress {
     let ram = &q["ram"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let (disk_done_bytes, disk_total_bytes) = disk.unwrap_or_default();
@@ -475,6 +508,8 @@ fn progress(q: &Value, disk: Option<(u64, u64)>, started: Instant) -> MigrationP
         dirty_rate_bytes: n(&ram["dirty-pages-rate"]) * n(&ram["page-size"]).max(1),
         passes: n(&ram["dirty-sync-count"]),
         cpu_throttle_percent: n(&q["cpu-throttle-percentage"]),
+        auto_converge: settings.auto_converge,
+        downtime_limit_ms: settings.downtime_limit_ms,
         elapsed_ms: q["total-time"]
             .as_u64()
             .unwrap_or(started.elapsed().as_millis() as u64),
