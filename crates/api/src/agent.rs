@@ -12,23 +12,34 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RegisterHost {
+    /// A join token (`kumo host token create`); empty when a host
+    /// re-registers with its own token.
+    #[schema(max_length = 128)]
     pub join_token: String,
+    #[schema(min_length = 1, max_length = 63)]
     pub name: String,
+    #[schema(min_length = 1, max_length = 63)]
     pub zone: String,
     /// Base URL of the agent's own HTTP endpoint.
+    #[schema(min_length = 1, max_length = 255)]
     pub address: String,
     /// Secret the controller presents when it calls the agent.
+    #[schema(min_length = 1, max_length = 128)]
     pub agent_secret: String,
     pub capacity: Resources,
     pub hypervisor: HypervisorInfo,
     #[serde(default)]
+    #[schema(max_length = 255)]
     pub cpu_model: String,
     #[serde(default)]
+    #[schema(schema_with = crate::schema::labels)]
     pub labels: std::collections::BTreeMap<String, String>,
     /// Name of the shared datastore the host mounts (hosts that name the
     /// same one hand guests over without copying their disks).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 63)]
     pub datastore: Option<String>,
 }
 
@@ -55,6 +66,7 @@ pub enum ObservedState {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct VmStatus {
     pub id: Uuid,
     pub state: ObservedState,
@@ -63,6 +75,7 @@ pub struct VmStatus {
     #[serde(default)]
     pub cpu_percent: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
     pub message: Option<String>,
     /// The host's side of a live migration the VM takes part in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,14 +99,17 @@ pub enum MigrationState {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationStatus {
     pub id: Uuid,
     pub state: MigrationState,
     /// Target: the QEMU migration address, e.g. `tcp:10.0.0.2:49152`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 255)]
     pub uri: Option<String>,
     /// Target, local disks: the NBD export the source mirrors the disk to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 255)]
     pub nbd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<MigrationProgress>,
@@ -105,6 +121,7 @@ pub struct MigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_downtime_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
     pub message: Option<String>,
 }
 
@@ -125,9 +142,12 @@ impl MigrationStatus {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub load: HostLoad,
     pub applied_generation: u64,
+    /// The guests the host runs (at most 4096).
+    #[schema(max_items = 4096)]
     pub vms: Vec<VmStatus>,
 }
 
@@ -201,10 +221,13 @@ pub struct DesiredState {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DesiredQuery {
     /// Wait (up to `wait_seconds`) until the generation is newer than this.
     #[serde(default)]
     pub after: Option<u64>,
+    /// How long to wait for a newer generation (default 30, at most 60).
     #[serde(default)]
+    #[param(maximum = 60)]
     pub wait_seconds: Option<u64>,
 }

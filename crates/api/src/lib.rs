@@ -7,6 +7,7 @@
 mod agent;
 mod error;
 mod resources;
+pub mod schema;
 
 pub use agent::*;
 pub use error::*;

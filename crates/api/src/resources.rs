@@ -4,12 +4,20 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+/// The controller's answer to `GET /v1/health`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` while the controller serves requests.
+    pub status: String,
+}
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
 /// CPU, memory and disk: a host's capacity, what is allocated on it, or a
 /// VM's size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Resources {
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -58,20 +66,26 @@ pub struct Zone {
 /// quoted; also in `$KUMO_HOST` and `$KUMO_ADDRESS`), e.g.
 /// `ipmitool -H {host}-bmc chassis power soft`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PowerSaving {
     /// Share (0–0.9) of memory and CPU kept free on hosts that take a
     /// standby host's VMs, and of the zone's schedulable memory.
     #[serde(default = "default_headroom")]
+    #[schema(minimum = 0.0, maximum = 0.9)]
     pub headroom: f64,
     /// Only hosts whose CPU load (percent, 0–100) is below this are emptied.
     #[serde(default = "default_max_load")]
+    #[schema(exclusive_minimum = 0.0, maximum = 100.0)]
     pub max_load: f64,
     /// Switches a host off once it is empty.
+    #[schema(min_length = 1, max_length = 4096)]
     pub power_off_command: String,
     /// Switches a standby host on (it is `down` until its agent reports).
+    #[schema(min_length = 1, max_length = 4096)]
     pub power_on_command: String,
     /// A host's draw when idle, for the estimate of energy saved (watts).
     #[serde(default = "default_idle_watts")]
+    #[schema(minimum = 0.0, maximum = 100000.0)]
     pub idle_watts: f64,
 }
 
@@ -163,17 +177,28 @@ pub struct RebalanceMove {
 
 /// Changes to a host's placement settings; absent fields stay as they are.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateHost {
+    /// Shared vCPUs per core (more than 0, at most 64).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 64.0)]
     pub cpu_overcommit: Option<f64>,
+    /// Memory the host may promise, as a multiple of its memory (more than
+    /// 0, at most 64).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, maximum = 64.0)]
     pub memory_overcommit: Option<f64>,
 }
 
+/// A resource name: 1–63 lowercase letters, digits and `-`, starting with
+/// a letter (see [`crate::validate_name`]).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateZone {
+    #[schema(min_length = 1, max_length = 63)]
     pub name: String,
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub description: String,
 }
 
@@ -210,18 +235,23 @@ impl std::fmt::Display for HostState {
 
 /// The hypervisor an agent found on its host.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HypervisorInfo {
     /// `qemu` or `sim`.
+    #[schema(max_length = 32)]
     pub driver: String,
     /// The QEMU version, for the qemu driver.
     #[serde(default)]
+    #[schema(max_length = 255)]
     pub version: Option<String>,
     /// `kvm` when KVM works (tried, not assumed), else `tcg`; `none` for sim.
+    #[schema(max_length = 32)]
     pub accel: String,
 }
 
 /// Load measured on a host, sent with every heartbeat.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HostLoad {
     /// Busy share of all CPUs since the previous heartbeat, 0–100.
     pub cpu_percent: f32,
@@ -307,8 +337,10 @@ pub struct Image {
 
 #[derive(Clone, Debug, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ImportImageParams {
     /// Name of the new image.
+    #[param(min_length = 1, max_length = 63)]
     pub name: String,
 }
 
@@ -362,7 +394,9 @@ pub struct Group {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateGroup {
+    #[schema(min_length = 1, max_length = 63)]
     pub name: String,
     pub policy: GroupPolicy,
     /// Default true.
@@ -518,8 +552,10 @@ pub struct Migration {
 
 /// Transfer figures from the source's QEMU.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrationProgress {
     /// `disk` while the disk is mirrored, then `memory`.
+    #[schema(max_length = 32)]
     pub stage: String,
     pub disk_total_bytes: u64,
     pub disk_done_bytes: u64,
@@ -581,29 +617,36 @@ pub struct MigrationResult {
 
 /// Ask for a live migration.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateVm {
     /// Target host; the scheduler chooses when absent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 63)]
     pub to: Option<String>,
-    /// Longest acceptable pause at switch-over (default 300 ms).
+    /// Longest acceptable pause at switch-over (default 300 ms, at most
+    /// 60000).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 60000)]
     pub downtime_limit_ms: Option<u64>,
 }
 
 /// Drain a host or zone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DrainParams {
-    /// Only compute and return the plan; move nothing.
+    /// Only compute and return the plan; move nothing (default false).
     #[serde(default)]
     pub dry_run: Option<bool>,
 }
 
-/// Undrain a zone.
+/// Undrain a host or zone.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct UndrainParams {
-    /// Move the VMs a drain took away back to the hosts they came from.
+    /// Move the VMs a drain took away back to the hosts they came from
+    /// (default false).
     #[serde(default, rename = "return")]
     pub return_vms: Option<bool>,
 }
@@ -636,18 +679,25 @@ pub struct DrainPlan {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVm {
+    #[schema(min_length = 1, max_length = 63)]
     pub name: String,
     /// Image name or id.
+    #[schema(min_length = 1, max_length = 63)]
     pub image: String,
+    #[schema(minimum = 1, maximum = 128)]
     pub vcpus: u32,
+    #[schema(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
     /// Size of the root disk; defaults to the image's virtual size rounded
     /// up to whole GiB.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 65536)]
     pub disk_gib: Option<u64>,
     /// Only hosts in this zone are considered.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 63)]
     pub zone: Option<String>,
     /// Start the VM once created (default true).
     #[serde(default)]
@@ -661,33 +711,45 @@ pub struct CreateVm {
     /// Only hosts for which this expression holds, e.g.
     /// `cpu_model == "EPYC" && labels.ssd`.
     #[serde(default)]
+    #[schema(max_length = 4096)]
     pub requirements: Option<String>,
     /// Among the hosts that qualify, prefer those where this is highest,
     /// e.g. `free.memory_mib - load * 1024`; the policy breaks ties.
     #[serde(default)]
+    #[schema(max_length = 4096)]
     pub rank: Option<String>,
-    /// Names of the groups the VM joins.
+    /// Names of the groups the VM joins (at most 16).
     #[serde(default)]
+    #[schema(schema_with = crate::schema::name_list)]
     pub groups: Vec<String>,
-    /// Free-form key/value pairs kept with the VM (see `Vm::metadata`).
+    /// Free-form key/value pairs kept with the VM (see `Vm::metadata`): at
+    /// most 64, keys of 1–128 characters, values of at most 1024.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(schema_with = crate::schema::metadata)]
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// A VM shape for capacity planning.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct CapacityQuery {
+    #[param(minimum = 1, maximum = 128)]
     pub vcpus: u32,
+    #[param(minimum = 32, maximum = 4194304)]
     pub memory_mib: u64,
     /// Default 1.
     #[serde(default)]
+    #[param(minimum = 1, maximum = 65536)]
     pub disk_gib: Option<u64>,
     #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
     pub zone: Option<String>,
     #[serde(default)]
+    #[param(inline)]
     pub cpu_policy: Option<CpuPolicy>,
     #[serde(default)]
+    #[param(max_length = 4096)]
     pub requirements: Option<String>,
 }
 
@@ -719,15 +781,18 @@ pub struct Event {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Only events with a sequence number greater than this.
     #[serde(default)]
     pub after: Option<u64>,
-    /// At most this many, the newest (default 100).
+    /// At most this many, the newest (default 100, at most 10000).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
     /// Only events about this resource, e.g. `vm/web`.
     #[serde(default)]
+    #[param(max_length = 128)]
     pub resource: Option<String>,
 }
 
@@ -744,9 +809,11 @@ pub struct JoinToken {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
     /// Lifetime in seconds (default 86400, at most 30 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub ttl_seconds: Option<u64>,
 }
 

@@ -90,7 +90,7 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         Err(Error::Api(serde_json::from_str(&text).unwrap_or_else(
-            |_| ApiError::new(ErrorCode::Internal, format!("HTTP {status}: {text}")),
+            |_| ApiError::server(ErrorCode::Internal, format!("HTTP {status}: {text}")),
         )))
     }
 

@@ -33,7 +33,7 @@ impl IntoResponse for Error {
                     source = s.source();
                 }
                 tracing::error!(error = %chain, "internal error");
-                ApiError::new(ErrorCode::Internal, chain)
+                ApiError::server(ErrorCode::Internal, chain)
             }
         };
         let status =

@@ -107,8 +107,7 @@ impl Inventory {
 }
 
 fn drain_conflict(name: &str, state: kumo_api::HostState) -> crate::Error {
-    ApiError::new(
-        ErrorCode::Conflict,
+    ApiError::new(ErrorCode::Conflict, "name",
         format!("host {name} is {state}; only a ready host can be drained"),
     )
     .into()
@@ -218,8 +217,7 @@ impl App {
         for h in &hosts {
             let rec = lookup(&inv.hosts, "host", h)?.rec.clone();
             if !matches!(rec.mode, HostMode::Draining | HostMode::Maintenance) {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
+                return Err(ApiError::new(ErrorCode::Conflict, "name",
                     format!("host {h} is not draining or in maintenance"),
                 )
                 .into());

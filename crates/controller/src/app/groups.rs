@@ -88,8 +88,7 @@ impl App {
             .map(|v| v.name.clone())
             .collect();
         if !members.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("group {name:?} still has VM(s) {members:?}"),
             )
             .into());

@@ -259,7 +259,8 @@ impl App {
         let mut inv = self.inv.write().await;
         if known_host.is_some_and(|h| h != req.name) {
             return Err(ApiError::new(
-                ErrorCode::Unauthorized,
+                ErrorCode::Forbidden,
+                "name",
                 "name: a host token can only re-register its own host",
             )
             .into());
@@ -267,6 +268,7 @@ impl App {
         if known_host.is_none() && !App::join_token_valid(&inv, &req.join_token) {
             return Err(ApiError::new(
                 ErrorCode::Unauthorized,
+                "join_token",
                 "join_token: unknown or expired join token; create one with `kumo host token create`",
             )
             .into());
@@ -291,8 +293,7 @@ impl App {
         let token = random_secret();
         if let Some(old) = &existing {
             if old.zone != req.zone {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
+                return Err(ApiError::new(ErrorCode::Conflict, "zone",
                     format!(
                         "zone: host {:?} is registered in zone {:?}; remove it before joining it to {:?}",
                         req.name, old.zone, req.zone
@@ -522,8 +523,7 @@ impl App {
         let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
         let (_, count) = inv.allocated(rec.id);
         if count > 0 {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("host {name:?} still has {count} VM(s); delete or move them first"),
             )
             .into());

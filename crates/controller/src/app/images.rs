@@ -102,7 +102,7 @@ impl App {
             .values()
             .find(|i| i.name == name_or_id || i.id.to_string() == name_or_id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("image", name_or_id).into())
+            .ok_or_else(|| ApiError::not_found("name", "image", name_or_id).into())
     }
 
     /// Fail early, before an upload, when the name is unusable.
@@ -186,8 +186,7 @@ impl App {
             .map(|v| v.name.clone())
             .collect();
         if !users.is_empty() {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("image {name:?} is used by VM(s) {users:?}"),
             )
             .into());

@@ -383,7 +383,7 @@ pub(super) fn movable(vm: &Vm) -> bool {
 
 /// Why a VM cannot start moving now, if it cannot.
 fn check_movable(inv: &Inventory, vm: &Vm) -> Result<()> {
-    let conflict = |msg: String| Err(ApiError::new(ErrorCode::Conflict, msg).into());
+    let conflict = |msg: String| Err(ApiError::new(ErrorCode::Conflict, "name", msg).into());
     if let Some(m) = &vm.migration {
         return conflict(format!(
             "VM {:?} is already migrating from {} to {}",
@@ -419,10 +419,13 @@ impl Inventory {
                 .cluster
                 .place_moving(&vm.name, &key, &request)
                 .map_err(|refusal| {
-                    ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into()
+                    ApiError::new(ErrorCode::NoValidHost, "name", refusal.to_string()).into()
                 });
         };
-        let target = lookup(&self.hosts, "host", to)?;
+        let target = self
+            .hosts
+            .get(to)
+            .ok_or_else(|| ApiError::not_found("to", "host", to))?;
         if target.rec.id == vm.host_id {
             return Err(
                 ApiError::invalid("to", format!("VM {:?} already runs on {to}", vm.name)).into(),
@@ -433,6 +436,7 @@ impl Inventory {
             .map_err(|c| {
                 ApiError::new(
                     ErrorCode::NoValidHost,
+                    "to",
                     format!("host {to} cannot take VM {:?}: {}", vm.name, c.describe()),
                 )
                 .into()
@@ -541,8 +545,7 @@ impl App {
         let mut inv = self.inv.write().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
         let Some(m) = vm.migration.clone() else {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("VM {name:?} is not migrating"),
             )
             .into());

@@ -451,8 +451,9 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
     Ok(inv)
 }
 
-/// A resource by name, or a `not_found` error naming its kind.
+/// A resource by the name in the request's path, or a `not_found` error
+/// naming its kind.
 pub(crate) fn lookup<'a, T>(map: &'a BTreeMap<String, T>, kind: &str, name: &str) -> Result<&'a T> {
     map.get(name)
-        .ok_or_else(|| kumo_api::ApiError::not_found(kind, name).into())
+        .ok_or_else(|| kumo_api::ApiError::not_found("name", kind, name).into())
 }

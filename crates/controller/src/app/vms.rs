@@ -55,6 +55,30 @@ const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
 const MAX_DISK_GIB: u64 = 64 * 1024;
 const GIB: u64 = 1024 * 1024 * 1024;
 
+/// A placement refusal, naming the request field behind the constraint
+/// that came closest to fitting (the nearest miss), or the one that
+/// excluded the most hosts.
+fn no_valid_host(refusal: &kumo_sched::Refusal) -> ApiError {
+    use kumo_sched::Constraint;
+    let constraint = refusal
+        .near_miss
+        .as_ref()
+        .map(|(_, c)| *c)
+        .or_else(|| refusal.excluded.iter().max_by_key(|(_, n)| *n).map(|(c, _)| *c));
+    let field = match constraint {
+        Some(Constraint::Zone) => "zone",
+        Some(Constraint::Requirements) => "requirements",
+        Some(Constraint::AntiAffinity | Constraint::Affinity) => "groups",
+        Some(Constraint::DedicatedCores) => "cpu_policy",
+        Some(Constraint::Vcpus) => "vcpus",
+        Some(Constraint::Memory) => "memory_mib",
+        Some(Constraint::Disk) => "disk_gib",
+        Some(Constraint::NotSchedulable | Constraint::CurrentHost | Constraint::CpuModel)
+        | None => "name",
+    };
+    ApiError::new(ErrorCode::NoValidHost, field, refusal.to_string())
+}
+
 fn check_range(field: &str, value: u64, min: u64, max: u64, unit: &str) -> Result<()> {
     if value < min || value > max {
         return Err(ApiError::invalid(
@@ -438,7 +462,7 @@ impl App {
             Err(refusal) => {
                 // Power saving may switch a standby host on for this.
                 self.placement_refused(req.zone.clone());
-                return Err(ApiError::new(ErrorCode::NoValidHost, refusal.to_string()).into());
+                return Err(no_valid_host(&refusal).into());
             }
         };
         let host = inv.hosts[&placement.host].rec.clone();
@@ -521,15 +545,13 @@ impl App {
         let mut inv = self.inv.write().await;
         let mut vm = lookup(inv.vms(), "vm", name)?.clone();
         if vm.state == VmState::Deleting {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("VM {name:?} is being deleted"),
             )
             .into());
         }
         if let Some(m) = &vm.migration {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!(
                     "VM {name:?} is migrating from {} to {}; wait for it or cancel it (`kumo vm migrate {name} --cancel`)",
                     m.source, m.target
@@ -558,8 +580,7 @@ impl App {
             match (vm.power, vm.state) {
                 (PowerState::Running, VmState::Failed) => vm.reboots += 1,
                 (PowerState::Running, _) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Conflict,
+                    return Err(ApiError::new(ErrorCode::Conflict, "name",
                         format!(
                         "VM {:?} is {} and meant to run; start applies to a stopped or failed VM",
                         vm.name, vm.state
@@ -579,8 +600,7 @@ impl App {
     pub async fn vm_stop(&self, name: &str) -> Result<Vm> {
         self.vm_change(name, "stop", |vm| {
             if vm.power == PowerState::Stopped {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
+                return Err(ApiError::new(ErrorCode::Conflict, "name",
                     format!(
                         "VM {:?} is {} and meant to be off; stop applies to a VM that is meant to run",
                         vm.name, vm.state
@@ -598,8 +618,7 @@ impl App {
     pub async fn vm_reboot(&self, name: &str) -> Result<Vm> {
         self.vm_change(name, "reboot", |vm| {
             if vm.state != VmState::Running {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
+                return Err(ApiError::new(ErrorCode::Conflict, "name",
                     format!(
                         "VM {:?} is {}; only a running VM can be rebooted",
                         vm.name, vm.state
@@ -662,13 +681,13 @@ impl App {
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| {
-                ApiError::new(
+                ApiError::server(
                     ErrorCode::HostUnavailable,
                     format!("host {}: console log: {e}", vm.host),
                 )
             })?;
         let text = resp.text().await.map_err(|e| {
-            ApiError::new(
+            ApiError::server(
                 ErrorCode::HostUnavailable,
                 format!("host {}: console log: {e}", vm.host),
             )
@@ -676,13 +695,25 @@ impl App {
         Ok(ConsoleLog { vm: vm.name, text })
     }
 
-    /// The VM, its host's agent address and the secret to call it with.
+    /// The VM, its host's agent address and the secret to call it with;
+    /// a conflict for a VM on a simulated host, which has no console.
     pub async fn vm_agent(&self, name: &str) -> Result<(Vm, String, String)> {
         let inv = self.inv.read().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
         let host = inv
             .host_by_id(vm.host_id)
             .ok_or_else(|| crate::Error::internal(format!("host of VM {name} missing")))?;
+        if host.rec.hypervisor.driver == "sim" {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
+                format!(
+                    "VM {name:?} runs on simulated host {}, which has no console",
+                    host.rec.name
+                ),
+            )
+            .into());
+        }
         Ok((vm, host.rec.address.clone(), host.rec.agent_secret.clone()))
     }
 }

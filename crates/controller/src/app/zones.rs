@@ -67,8 +67,7 @@ impl App {
         let zone = lookup(&inv.zones, "zone", name)?.clone();
         let hosts = inv.hosts.values().filter(|h| h.rec.zone == name).count();
         if hosts > 0 {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
+            return Err(ApiError::new(ErrorCode::Conflict, "name",
                 format!("zone {name:?} still has {hosts} host(s); remove them first"),
             )
             .into());

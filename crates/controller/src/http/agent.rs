@@ -53,6 +53,6 @@ pub async fn desired(
     Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<DesiredQuery>,
 ) -> Result<Json<DesiredState>> {
-    let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30).min(60));
+    let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30));
     Ok(Json(state.host_desired(who.host()?, q.after, wait).await?))
 }

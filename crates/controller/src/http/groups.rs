@@ -1,6 +1,5 @@
-use super::{ApiJson, AppState};
+use super::{ApiJson, AppState, ApiPath};
 use crate::error::Result;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -32,14 +31,14 @@ pub async fn create(
 /// Show a group.
 #[utoipa::path(get, path = "/v1/groups/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Group), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Group>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Group>> {
     Ok(Json(state.group_get(&name).await?))
 }
 
 /// Delete a group no VM belongs to.
 #[utoipa::path(delete, path = "/v1/groups/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusCode> {
+pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<StatusCode> {
     state.group_delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,6 +1,5 @@
-use super::{ApiJson, ApiQuery, AppState};
+use super::{ApiJson, ApiQuery, AppState, ApiPath};
 use crate::error::Result;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,7 +25,7 @@ pub async fn list(state: AppState) -> Json<Vec<Host>> {
 /// Show a host.
 #[utoipa::path(get, path = "/v1/hosts/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Host>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Host>> {
     Ok(Json(state.host_get(&name).await?))
 }
 
@@ -35,7 +34,7 @@ pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Host
     responses((status = 200, body = Host), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub async fn update(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(req): ApiJson<UpdateHost>,
 ) -> Result<Json<Host>> {
     Ok(Json(state.host_update(&name, req).await?))
@@ -44,7 +43,7 @@ pub async fn update(
 /// Remove a host that has no VMs from the pool.
 #[utoipa::path(delete, path = "/v1/hosts/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusCode> {
+pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<StatusCode> {
     state.host_delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -52,14 +51,14 @@ pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusC
 /// Take a host out of placement; its VMs keep running.
 #[utoipa::path(post, path = "/v1/hosts/{name}/disable", params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 404, body = ApiError)))]
-pub async fn disable(state: AppState, Path(name): Path<String>) -> Result<Json<Host>> {
+pub async fn disable(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Host>> {
     Ok(Json(state.host_set_enabled(&name, false).await?))
 }
 
 /// Put a disabled host back into placement.
 #[utoipa::path(post, path = "/v1/hosts/{name}/enable", params(("name" = String, Path)),
     responses((status = 200, body = Host), (status = 404, body = ApiError)))]
-pub async fn enable(state: AppState, Path(name): Path<String>) -> Result<Json<Host>> {
+pub async fn enable(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Host>> {
     Ok(Json(state.host_set_enabled(&name, true).await?))
 }
 
@@ -78,13 +77,13 @@ pub(super) fn accepted_if(moving: bool) -> StatusCode {
 /// VM goes, or why no host can take it. With `dry_run` only the plan (200),
 /// nothing moves; otherwise 202.
 #[utoipa::path(post, path = "/v1/hosts/{name}/drain", operation_id = "host_drain",
-    params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Only compute and return the plan; move nothing (default false).")),
+    params(("name" = String, Path), DrainParams),
     responses((status = 200, description = "dry run: the plan only", body = DrainPlan),
         (status = 202, description = "draining; the plan", body = DrainPlan),
         (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn drain(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiQuery(params): ApiQuery<DrainParams>,
 ) -> Result<(StatusCode, Json<DrainPlan>)> {
     let dry_run = params.dry_run.unwrap_or(false);
@@ -95,12 +94,12 @@ pub async fn drain(
 /// Take a drained (or draining) host back into placement. With `return`,
 /// the VMs its drain moved away come back to it, live (202); otherwise 200.
 #[utoipa::path(post, path = "/v1/hosts/{name}/undrain", operation_id = "host_undrain",
-    params(("name" = String, Path), ("return" = Option<bool>, Query, description = "Move the VMs the drain took away back to the hosts they came from (default false).")),
+    params(("name" = String, Path), UndrainParams),
     responses((status = 200, body = Host), (status = 202, description = "VMs return to the host", body = Host),
         (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn undrain(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiQuery(params): ApiQuery<UndrainParams>,
 ) -> Result<(StatusCode, Json<Host>)> {
     let return_vms = params.return_vms.unwrap_or(false);

@@ -1,7 +1,7 @@
-use super::{ApiQuery, AppState};
+use super::{ApiQuery, AppState, ApiPath};
 use crate::error::Result;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path};
+use axum::extract::DefaultBodyLimit;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -82,14 +82,14 @@ async fn receive(body: Body, path: &std::path::Path) -> Result<(u64, String)> {
 /// Show an image (by name or id).
 #[utoipa::path(get, path = "/v1/images/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Image), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Image>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Image>> {
     Ok(Json(state.image_get(&name).await?))
 }
 
 /// Delete an image no VM uses.
 #[utoipa::path(delete, path = "/v1/images/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusCode> {
+pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<StatusCode> {
     state.image_delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -97,7 +97,7 @@ pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusC
 /// Download an image file (agents fetch images this way).
 #[utoipa::path(get, path = "/v1/images/{name}/data", params(("name" = String, Path)),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ApiError)))]
-pub async fn data(state: AppState, Path(name): Path<String>) -> Result<Response> {
+pub async fn data(state: AppState, ApiPath(name): ApiPath) -> Result<Response> {
     let image = state.image_get(&name).await?;
     let file = tokio::fs::File::open(state.image_path(image.id))
         .await

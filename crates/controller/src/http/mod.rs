@@ -1,12 +1,15 @@
 //! The REST API under `/v1`. Handlers only translate HTTP to calls into
-//! [`crate::app`]; authentication is one middleware.
+//! [`crate::app`]; who may call what is the table in [`auth`]; request
+//! input is checked against the API document in [`input`].
 
 mod agent;
+mod auth;
 mod capacity;
 mod events;
 mod groups;
 mod hosts;
 mod images;
+mod input;
 mod join_tokens;
 mod power;
 mod rebalance;
@@ -16,11 +19,13 @@ mod zones;
 use crate::app::App;
 use crate::error::Result;
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
+use axum::http::{Method, Uri};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use auth::Documented;
+pub use input::{ApiJson, ApiPath, ApiQuery};
 use kumo_api::{ApiError, ErrorCode};
 use std::sync::Arc;
 use utoipa::OpenApi;
@@ -33,7 +38,7 @@ pub enum Principal {
     Admin,
     /// An agent, by host name.
     Host(String),
-    /// Nobody yet: only host registration (it carries a join token).
+    /// No token: public routes and host registration (with a join token).
     Anonymous,
 }
 
@@ -41,13 +46,14 @@ impl Principal {
     fn host(&self) -> Result<&str> {
         match self {
             Principal::Host(h) => Ok(h),
-            _ => Err(unauthorized("this endpoint is for host agents").into()),
+            _ => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "authorization",
+                "authorization: this endpoint is for host agents",
+            )
+            .into()),
         }
     }
-}
-
-fn unauthorized(msg: &str) -> ApiError {
-    ApiError::new(ErrorCode::Unauthorized, msg)
 }
 
 #[derive(OpenApi)]
@@ -69,25 +75,11 @@ fn unauthorized(msg: &str) -> ApiError {
         rebalance::show,
         power::show, power::set, power::off,
         agent::register, agent::heartbeat, agent::desired,
-        openapi_json,
+        health, openapi_json,
     ),
-    modifiers(&BearerAuth),
-    security(("bearer" = []))
+    modifiers(&Documented),
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = api.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 /// The OpenAPI document of this API.
 #[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "OpenAPI document")))]
@@ -95,8 +87,20 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
+/// Whether the controller serves requests (for load balancers and probes).
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = kumo_api::Health)))]
+async fn health() -> Json<kumo_api::Health> {
+    Json(kumo_api::Health { status: "ok".into() })
+}
+
+/// The longest request URI served, bytes; longer ones get a 414 with
+/// kumo's error body. (hyper itself refuses request heads that do not fit
+/// its read buffer, about 400 KiB, with an empty 414 or 431.)
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
+        .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi_json))
         .merge(zones::routes())
         .merge(hosts::routes())
@@ -109,118 +113,47 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(rebalance::routes())
         .merge(power::routes())
         .merge(agent::routes())
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth::guard))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
-        .layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            authenticate,
-        ))
+        .layer(axum::middleware::from_fn(limit_uri))
         .with_state(app)
 }
 
-async fn no_route(uri: axum::http::Uri) -> crate::Error {
+async fn limit_uri(req: Request, next: Next) -> Response {
+    let len = req.uri().to_string().len();
+    if len > MAX_URI_BYTES {
+        return crate::Error::from(ApiError::new(
+            ErrorCode::UriTooLong,
+            "uri",
+            format!("uri: {len} bytes long; at most {MAX_URI_BYTES} allowed"),
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn no_route(uri: Uri) -> crate::Error {
     ApiError::new(
         ErrorCode::NotFound,
-        format!("no endpoint {}; see /v1/openapi.json", uri.path()),
+        "uri",
+        format!("uri: no endpoint {}; see /v1/openapi.json", uri.path()),
     )
     .into()
 }
 
-async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> crate::Error {
+/// 405; axum adds the `Allow` header listing the methods the route has
+/// (RFC 9110 §15.5.6).
+async fn no_method(method: Method, uri: Uri) -> crate::Error {
     ApiError::new(
-        ErrorCode::InvalidInput,
+        ErrorCode::MethodNotAllowed,
+        "method",
         format!(
-            "{method} is not allowed on {}; see /v1/openapi.json",
+            "method: {method} is not allowed on {}; see /v1/openapi.json",
             uri.path()
         ),
     )
     .into()
-}
-
-/// Bearer-token authentication on every endpoint: the admin token for the
-/// API, host tokens for the agent endpoints (and image downloads), nothing
-/// but the join token in the body for host registration.
-async fn authenticate(State(app): AppState, mut req: Request, next: Next) -> Result<Response> {
-    let path = req.uri().path().to_string();
-    let token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let principal = match token {
-        None if path == "/v1/agent/register" => Principal::Anonymous,
-        None => {
-            return Err(unauthorized("missing bearer token (Authorization: Bearer <token>)").into())
-        }
-        Some(t) if constant_time_eq(t.as_bytes(), app.admin_token().as_bytes()) => Principal::Admin,
-        Some(t) => match app.host_for_token(t).await {
-            Some(host) => Principal::Host(host),
-            None => return Err(unauthorized("invalid bearer token").into()),
-        },
-    };
-    let allowed = match &principal {
-        Principal::Admin => !path.starts_with("/v1/agent/") || path == "/v1/agent/register",
-        Principal::Host(_) => {
-            path.starts_with("/v1/agent/")
-                || (path.starts_with("/v1/images/") && path.ends_with("/data"))
-        }
-        Principal::Anonymous => true,
-    };
-    if !allowed {
-        return Err(unauthorized("this token may not call this endpoint").into());
-    }
-    req.extensions_mut().insert(principal);
-    Ok(next.run(req).await)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// JSON bodies whose rejections are our error type, naming what was wrong.
-pub struct ApiJson<T>(pub T);
-
-impl<T, S> axum::extract::FromRequest<S> for ApiJson<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = crate::Error;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("request body: {}", e.body_text()),
-            )
-            .into()),
-        }
-    }
-}
-
-/// Query strings likewise.
-pub struct ApiQuery<T>(pub T);
-
-impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = crate::Error;
-
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(e) => Err(ApiError::new(
-                ErrorCode::InvalidInput,
-                format!("query: {}", e.body_text()),
-            )
-            .into()),
-        }
-    }
 }
 
 #[cfg(test)]

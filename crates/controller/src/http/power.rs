@@ -1,6 +1,5 @@
-use super::{ApiJson, AppState};
+use super::{ApiJson, AppState, ApiPath};
 use crate::error::Result;
-use axum::extract::Path;
 use axum::routing::get;
 use axum::{Json, Router};
 use kumo_api::{ApiError, PowerSaving, PowerSavingStatus, Zone};
@@ -16,7 +15,7 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
 /// A zone's power saving: settings, standby hosts, energy saved.
 #[utoipa::path(get, path = "/v1/zones/{name}/power-saving", params(("name" = String, Path)),
     responses((status = 200, body = PowerSavingStatus), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<PowerSavingStatus>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<PowerSavingStatus>> {
     Ok(Json(state.zone_power_saving_get(&name).await?))
 }
 
@@ -26,7 +25,7 @@ pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Powe
     responses((status = 200, body = Zone), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 pub async fn set(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(req): ApiJson<PowerSaving>,
 ) -> Result<Json<Zone>> {
     Ok(Json(state.zone_power_saving_set(&name, req).await?))
@@ -35,6 +34,6 @@ pub async fn set(
 /// Turn power saving off: the zone's standby hosts are switched on.
 #[utoipa::path(delete, path = "/v1/zones/{name}/power-saving", params(("name" = String, Path)),
     responses((status = 200, body = Zone), (status = 404, body = ApiError)))]
-pub async fn off(state: AppState, Path(name): Path<String>) -> Result<Json<Zone>> {
+pub async fn off(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Zone>> {
     Ok(Json(state.zone_power_saving_off(&name).await?))
 }

@@ -1,7 +1,7 @@
-use super::{ApiJson, AppState};
+use super::{ApiJson, AppState, ApiPath};
 use crate::error::Result;
 use axum::body::Body;
-use axum::extract::{Path, Request};
+use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -44,35 +44,35 @@ pub async fn create(
 /// Show a VM.
 #[utoipa::path(get, path = "/v1/vms/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Vm), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Vm>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Vm>> {
     Ok(Json(state.vm_get(&name).await?))
 }
 
 /// Delete a VM; it is `deleting` until its host confirms it is gone.
 #[utoipa::path(delete, path = "/v1/vms/{name}", params(("name" = String, Path)),
     responses((status = 202, body = Vm), (status = 404, body = ApiError)))]
-pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<(StatusCode, Json<Vm>)> {
+pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::ACCEPTED, Json(state.vm_delete(&name).await?)))
 }
 
 /// Start a stopped (or failed) VM.
 #[utoipa::path(post, path = "/v1/vms/{name}/start", params(("name" = String, Path)),
     responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn start(state: AppState, Path(name): Path<String>) -> Result<(StatusCode, Json<Vm>)> {
+pub async fn start(state: AppState, ApiPath(name): ApiPath) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::ACCEPTED, Json(state.vm_start(&name).await?)))
 }
 
 /// Stop a VM: ACPI shutdown, then a hard stop after the host's timeout.
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", params(("name" = String, Path)),
     responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn stop(state: AppState, Path(name): Path<String>) -> Result<(StatusCode, Json<Vm>)> {
+pub async fn stop(state: AppState, ApiPath(name): ApiPath) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::ACCEPTED, Json(state.vm_stop(&name).await?)))
 }
 
 /// Reboot a running VM.
 #[utoipa::path(post, path = "/v1/vms/{name}/reboot", params(("name" = String, Path)),
     responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn reboot(state: AppState, Path(name): Path<String>) -> Result<(StatusCode, Json<Vm>)> {
+pub async fn reboot(state: AppState, ApiPath(name): ApiPath) -> Result<(StatusCode, Json<Vm>)> {
     Ok((StatusCode::ACCEPTED, Json(state.vm_reboot(&name).await?)))
 }
 
@@ -83,7 +83,7 @@ pub async fn reboot(state: AppState, Path(name): Path<String>) -> Result<(Status
     responses((status = 202, body = Vm), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn migrate(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiJson(req): ApiJson<MigrateVm>,
 ) -> Result<(StatusCode, Json<Vm>)> {
     Ok((
@@ -97,7 +97,7 @@ pub async fn migrate(
     responses((status = 202, body = Vm), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn migrate_cancel(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> Result<(StatusCode, Json<Vm>)> {
     Ok((
         StatusCode::ACCEPTED,
@@ -108,7 +108,7 @@ pub async fn migrate_cancel(
 /// What the guest has written to its serial console.
 #[utoipa::path(get, path = "/v1/vms/{name}/console/log", params(("name" = String, Path)),
     responses((status = 200, body = ConsoleLog), (status = 404, body = ApiError), (status = 502, body = ApiError)))]
-pub async fn console_log(state: AppState, Path(name): Path<String>) -> Result<Json<ConsoleLog>> {
+pub async fn console_log(state: AppState, ApiPath(name): ApiPath) -> Result<Json<ConsoleLog>> {
     Ok(Json(state.vm_console_log(&name).await?))
 }
 
@@ -118,7 +118,7 @@ pub async fn console_log(state: AppState, Path(name): Path<String>) -> Result<Js
     responses((status = 101, description = "switched to the console byte stream"), (status = 404, body = ApiError), (status = 502, body = ApiError)))]
 pub async fn console(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     mut req: Request,
 ) -> Result<Response> {
     let wants_upgrade = req
@@ -127,8 +127,8 @@ pub async fn console(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("kumo-console"));
     if !wants_upgrade {
-        return Err(ApiError::new(
-            ErrorCode::InvalidInput,
+        return Err(ApiError::invalid(
+            "upgrade",
             "the console is a byte stream: send `Connection: upgrade` and `Upgrade: kumo-console` \
              (or use `kumo vm console`, or GET .../console/log for the log)",
         )
@@ -136,7 +136,7 @@ pub async fn console(
     }
     let (vm, address, secret) = state.vm_agent(&name).await?;
     let unavailable = |e: &dyn std::fmt::Display| {
-        ApiError::new(
+        ApiError::server(
             ErrorCode::HostUnavailable,
             format!("host {}: console: {e}", vm.host),
         )

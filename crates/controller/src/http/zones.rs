@@ -1,7 +1,6 @@
 use super::hosts::accepted_if;
-use super::{ApiJson, ApiQuery, AppState};
+use super::{ApiJson, ApiQuery, AppState, ApiPath};
 use crate::error::Result;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,14 +34,14 @@ pub async fn create(
 /// Show a zone.
 #[utoipa::path(get, path = "/v1/zones/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Zone), (status = 404, body = ApiError)))]
-pub async fn show(state: AppState, Path(name): Path<String>) -> Result<Json<Zone>> {
+pub async fn show(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Zone>> {
     Ok(Json(state.zone_get(&name).await?))
 }
 
 /// Delete an empty zone.
 #[utoipa::path(delete, path = "/v1/zones/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
-pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusCode> {
+pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<StatusCode> {
     state.zone_delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -52,13 +51,13 @@ pub async fn delete(state: AppState, Path(name): Path<String>) -> Result<StatusC
 /// `maintenance`. Answers with the plan; with `dry_run` only the plan (200),
 /// nothing moves; otherwise 202.
 #[utoipa::path(post, path = "/v1/zones/{name}/drain", operation_id = "zone_drain",
-    params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Only compute and return the plan; move nothing (default false).")),
+    params(("name" = String, Path), DrainParams),
     responses((status = 200, description = "dry run: the plan only", body = DrainPlan),
         (status = 202, description = "draining; the plan", body = DrainPlan),
         (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn drain(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiQuery(params): ApiQuery<DrainParams>,
 ) -> Result<(StatusCode, Json<DrainPlan>)> {
     let dry_run = params.dry_run.unwrap_or(false);
@@ -69,7 +68,7 @@ pub async fn drain(
 /// What a zone's drain still has to move, and where each VM would go now.
 #[utoipa::path(get, path = "/v1/zones/{name}/drain", operation_id = "zone_drain_status", params(("name" = String, Path)),
     responses((status = 200, body = DrainPlan), (status = 404, body = ApiError)))]
-pub async fn drain_status(state: AppState, Path(name): Path<String>) -> Result<Json<DrainPlan>> {
+pub async fn drain_status(state: AppState, ApiPath(name): ApiPath) -> Result<Json<DrainPlan>> {
     Ok(Json(state.zone_drain_status(&name).await?))
 }
 
@@ -77,12 +76,12 @@ pub async fn drain_status(state: AppState, Path(name): Path<String>) -> Result<J
 /// `return`, the VMs the drain moved away come back to the hosts they came
 /// from, live (202); otherwise 200. Answers with the undrained hosts.
 #[utoipa::path(post, path = "/v1/zones/{name}/undrain", operation_id = "zone_undrain",
-    params(("name" = String, Path), ("return" = Option<bool>, Query, description = "Move the VMs the drain took away back to the hosts they came from (default false).")),
+    params(("name" = String, Path), UndrainParams),
     responses((status = 200, body = [Host]), (status = 202, description = "VMs return to their hosts", body = [Host]),
         (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn undrain(
     state: AppState,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     ApiQuery(params): ApiQuery<UndrainParams>,
 ) -> Result<(StatusCode, Json<Vec<Host>>)> {
     let return_vms = params.return_vms.unwrap_or(false);
