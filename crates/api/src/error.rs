@@ -69,7 +69,11 @@ impl ApiError {
 
     /// A bad value of `field`; the message starts with the field's name.
     pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
-        Self::new(ErrorCode::InvalidInput, field, format!("{field}: {message}"))
+        Self::new(
+            ErrorCode::InvalidInput,
+            field,
+            format!("{field}: {message}"),
+        )
     }
 
     /// A `name` that is taken.

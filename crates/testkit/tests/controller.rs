@@ -313,7 +313,7 @@ async fn tokens_are_checked_on_every_endpoint() {
         id["host_token"].as_str().unwrap().to_string()
     };
     let err = Client::new(&url, &host_token).vms().await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Unauthorized));
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(cloud.dir.path().join("controller/admin-token"))
             .unwrap()

@@ -107,7 +107,9 @@ impl Inventory {
 }
 
 fn drain_conflict(name: &str, state: kumo_api::HostState) -> crate::Error {
-    ApiError::new(ErrorCode::Conflict, "name",
+    ApiError::new(
+        ErrorCode::Conflict,
+        "name",
         format!("host {name} is {state}; only a ready host can be drained"),
     )
     .into()
@@ -217,7 +219,9 @@ impl App {
         for h in &hosts {
             let rec = lookup(&inv.hosts, "host", h)?.rec.clone();
             if !matches!(rec.mode, HostMode::Draining | HostMode::Maintenance) {
-                return Err(ApiError::new(ErrorCode::Conflict, "name",
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "name",
                     format!("host {h} is not draining or in maintenance"),
                 )
                 .into());

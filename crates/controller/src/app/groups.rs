@@ -88,7 +88,9 @@ impl App {
             .map(|v| v.name.clone())
             .collect();
         if !members.is_empty() {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("group {name:?} still has VM(s) {members:?}"),
             )
             .into());

@@ -523,7 +523,9 @@ impl App {
         let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
         let (_, count) = inv.allocated(rec.id);
         if count > 0 {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("host {name:?} still has {count} VM(s); delete or move them first"),
             )
             .into());

@@ -186,7 +186,9 @@ impl App {
             .map(|v| v.name.clone())
             .collect();
         if !users.is_empty() {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("image {name:?} is used by VM(s) {users:?}"),
             )
             .into());

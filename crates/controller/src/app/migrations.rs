@@ -545,7 +545,9 @@ impl App {
         let mut inv = self.inv.write().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
         let Some(m) = vm.migration.clone() else {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("VM {name:?} is not migrating"),
             )
             .into());

@@ -60,11 +60,13 @@ const GIB: u64 = 1024 * 1024 * 1024;
 /// excluded the most hosts.
 fn no_valid_host(refusal: &kumo_sched::Refusal) -> ApiError {
     use kumo_sched::Constraint;
-    let constraint = refusal
-        .near_miss
-        .as_ref()
-        .map(|(_, c)| *c)
-        .or_else(|| refusal.excluded.iter().max_by_key(|(_, n)| *n).map(|(c, _)| *c));
+    let constraint = refusal.near_miss.as_ref().map(|(_, c)| *c).or_else(|| {
+        refusal
+            .excluded
+            .iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(c, _)| *c)
+    });
     let field = match constraint {
         Some(Constraint::Zone) => "zone",
         Some(Constraint::Requirements) => "requirements",
@@ -545,7 +547,9 @@ impl App {
         let mut inv = self.inv.write().await;
         let mut vm = lookup(inv.vms(), "vm", name)?.clone();
         if vm.state == VmState::Deleting {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("VM {name:?} is being deleted"),
             )
             .into());
@@ -580,7 +584,9 @@ impl App {
             match (vm.power, vm.state) {
                 (PowerState::Running, VmState::Failed) => vm.reboots += 1,
                 (PowerState::Running, _) => {
-                    return Err(ApiError::new(ErrorCode::Conflict, "name",
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        "name",
                         format!(
                         "VM {:?} is {} and meant to run; start applies to a stopped or failed VM",
                         vm.name, vm.state
@@ -618,7 +624,9 @@ impl App {
     pub async fn vm_reboot(&self, name: &str) -> Result<Vm> {
         self.vm_change(name, "reboot", |vm| {
             if vm.state != VmState::Running {
-                return Err(ApiError::new(ErrorCode::Conflict, "name",
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "name",
                     format!(
                         "VM {:?} is {}; only a running VM can be rebooted",
                         vm.name, vm.state

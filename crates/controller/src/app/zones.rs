@@ -67,7 +67,9 @@ impl App {
         let zone = lookup(&inv.zones, "zone", name)?.clone();
         let hosts = inv.hosts.values().filter(|h| h.rec.zone == name).count();
         if hosts > 0 {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "name",
                 format!("zone {name:?} still has {hosts} host(s); remove them first"),
             )
             .into());

@@ -163,7 +163,9 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>> {
     };
     let value = value.to_str().map_err(|_| malformed())?;
     match value.trim().split_once(char::is_whitespace) {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(Some(token.trim()))
         }
         _ => Err(malformed().into()),
@@ -188,7 +190,12 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
     } else {
         match bearer(req.headers())? {
             None => Principal::Anonymous,
-            Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), state.admin_token().as_bytes()) => {
+            Some(t)
+                if constant_time_eq::constant_time_eq(
+                    t.as_bytes(),
+                    state.admin_token().as_bytes(),
+                ) =>
+            {
                 Principal::Admin
             }
             Some(t) => match state.host_for_token(t).await {

@@ -1,4 +1,4 @@
-use super::{ApiJson, ApiQuery, AppState, ApiPath};
+use super::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::error::Result;
 use axum::http::StatusCode;
 use axum::routing::{get, post};

@@ -1,4 +1,4 @@
-use super::{ApiQuery, AppState, ApiPath};
+use super::{ApiPath, ApiQuery, AppState};
 use crate::error::Result;
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;

@@ -119,7 +119,9 @@ impl Checker {
 fn is_null_type_error(e: &ValidationError<'_>) -> bool {
     matches!(
         e.kind(),
-        ValidationErrorKind::Type { kind: TypeKind::Single(jsonschema::JsonType::Null) }
+        ValidationErrorKind::Type {
+            kind: TypeKind::Single(jsonschema::JsonType::Null)
+        }
     )
 }
 
@@ -232,10 +234,18 @@ fn describe(kind: &ValidationErrorKind, value: &Value) -> String {
                 .as_array()
                 .map(|o| o.iter().map(Value::to_string).collect())
                 .unwrap_or_default();
-            format!("{} is not allowed; use one of {}", short(value), allowed.join(", "))
+            format!(
+                "{} is not allowed; use one of {}",
+                short(value),
+                allowed.join(", ")
+            )
         }
         K::PropertyNames { error } => {
-            format!("key {}: {}", short(error.instance()), describe(error.kind(), error.instance()))
+            format!(
+                "key {}: {}",
+                short(error.instance()),
+                describe(error.kind(), error.instance())
+            )
         }
         other => format!("{} is not allowed here ({})", short(value), other.keyword()),
     }
@@ -269,7 +279,10 @@ where
             .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
         let name = T::name();
         SCHEMAS
-            .checker(&name, || json!({ "$ref": format!("#/components/schemas/{name}") }))
+            .checker(
+                &name,
+                || json!({ "$ref": format!("#/components/schemas/{name}") }),
+            )
             .check(&value, "body")?;
         deserialize(value, "body").map(ApiJson)
     }
@@ -331,7 +344,8 @@ fn query_value(query: &str, schema: &Value) -> Result<Value, ApiError> {
     let mut object = Map::new();
     for (key, raw) in form_urlencoded::parse(query.as_bytes()) {
         let types = schema["properties"][key.as_ref()]["type"].clone();
-        let has = |t: &str| types == t || types.as_array().is_some_and(|a| a.iter().any(|x| x == t));
+        let has =
+            |t: &str| types == t || types.as_array().is_some_and(|a| a.iter().any(|x| x == t));
         let value = if has("boolean") && (raw == "true" || raw == "false") {
             Value::Bool(raw == "true")
         } else if has("integer") || has("number") {
@@ -383,9 +397,10 @@ mod tests {
 
     #[test]
     fn body_errors_name_their_field() {
-        let v = SCHEMAS.checker("CreateVm", || {
-            json!({ "$ref": "#/components/schemas/CreateVm" })
-        });
+        let v = SCHEMAS.checker(
+            "CreateVm",
+            || json!({ "$ref": "#/components/schemas/CreateVm" }),
+        );
         let check = |body: Value| v.check(&body, "body").unwrap_err();
         let base = json!({"name": "a", "image": "i", "vcpus": 1, "memory_mib": 64});
         let mut misspelt = base.clone();

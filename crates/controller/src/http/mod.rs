@@ -18,13 +18,13 @@ mod zones;
 
 use crate::app::App;
 use crate::error::Result;
+use auth::Documented;
 use axum::extract::{Request, State};
 use axum::http::{Method, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use auth::Documented;
 pub use input::{ApiJson, ApiPath, ApiQuery};
 use kumo_api::{ApiError, ErrorCode};
 use std::sync::Arc;
@@ -90,7 +90,9 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 /// Whether the controller serves requests (for load balancers and probes).
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = kumo_api::Health)))]
 async fn health() -> Json<kumo_api::Health> {
-    Json(kumo_api::Health { status: "ok".into() })
+    Json(kumo_api::Health {
+        status: "ok".into(),
+    })
 }
 
 /// The longest request URI served, bytes; longer ones get a 414 with
@@ -113,7 +115,10 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(rebalance::routes())
         .merge(power::routes())
         .merge(agent::routes())
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth::guard))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::guard,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(axum::middleware::from_fn(limit_uri))

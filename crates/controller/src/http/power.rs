@@ -1,4 +1,4 @@
-use super::{ApiJson, AppState, ApiPath};
+use super::{ApiJson, ApiPath, AppState};
 use crate::error::Result;
 use axum::routing::get;
 use axum::{Json, Router};

@@ -1,5 +1,5 @@
 use super::hosts::accepted_if;
-use super::{ApiJson, ApiQuery, AppState, ApiPath};
+use super::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::error::Result;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
