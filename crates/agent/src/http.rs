@@ -22,12 +22,16 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     }
 }
 
+/// The controller presents the agent secret as a bearer token; compared
+/// in constant time.
 fn authorized(shared: &Shared, req: &Request) -> bool {
     req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == shared.agent_secret)
+        .and_then(kumo_api::bearer_token)
+        .is_some_and(|t| {
+            constant_time_eq::constant_time_eq(t.as_bytes(), shared.agent_secret.as_bytes())
+        })
 }
 
 fn refuse(status: StatusCode, msg: &str) -> Response {

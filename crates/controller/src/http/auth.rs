@@ -162,13 +162,9 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>> {
         )
     };
     let value = value.to_str().map_err(|_| malformed())?;
-    match value.trim().split_once(char::is_whitespace) {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(malformed().into()),
+    match kumo_api::bearer_token(value) {
+        Some(token) => Ok(Some(token)),
+        None => Err(malformed().into()),
     }
 }
 
