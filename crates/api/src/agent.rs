@@ -18,7 +18,11 @@ pub struct RegisterHost {
     /// re-registers with its own token.
     #[schema(max_length = 128)]
     pub join_token: String,
-    #[schema(min_length = 1, max_length = 63)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     #[schema(min_length = 1, max_length = 63)]
     pub zone: String,

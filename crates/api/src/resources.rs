@@ -190,12 +190,17 @@ pub struct UpdateHost {
     pub memory_overcommit: Option<f64>,
 }
 
-/// A resource name: 1–63 lowercase letters, digits and `-`, starting with
-/// a letter (see [`crate::validate_name`]).
+/// A new zone. Names of zones, VMs, groups, images and hosts are 1–63
+/// lowercase letters, digits and `-`, starting with a letter and not ending
+/// with `-` (the schemas' `pattern`; see [`crate::validate_name`]).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateZone {
-    #[schema(min_length = 1, max_length = 63)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     #[serde(default)]
     #[schema(max_length = 1024)]
@@ -340,7 +345,11 @@ pub struct Image {
 #[serde(deny_unknown_fields)]
 pub struct ImportImageParams {
     /// Name of the new image.
-    #[param(min_length = 1, max_length = 63)]
+    #[param(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
 }
 
@@ -396,7 +405,11 @@ pub struct Group {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGroup {
-    #[schema(min_length = 1, max_length = 63)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     pub policy: GroupPolicy,
     /// Default true.
@@ -681,7 +694,11 @@ pub struct DrainPlan {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
-    #[schema(min_length = 1, max_length = 63)]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+    )]
     pub name: String,
     /// Image name or id.
     #[schema(min_length = 1, max_length = 63)]

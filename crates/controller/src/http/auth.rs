@@ -41,12 +41,12 @@ pub enum Access {
 
 impl Access {
     fn allows(self, who: &Principal) -> bool {
-        match (self, who) {
-            (Access::Public | Access::Join, _) => true,
-            (Access::Admin | Access::AdminOrHost, Principal::Admin) => true,
-            (Access::Host | Access::AdminOrHost, Principal::Host(_)) => true,
-            _ => false,
-        }
+        matches!(
+            (self, who),
+            (Access::Public | Access::Join, _)
+                | (Access::Admin | Access::AdminOrHost, Principal::Admin)
+                | (Access::Host | Access::AdminOrHost, Principal::Host(_))
+        )
     }
 
     /// The API document's `security` for the route: which of the bearer

@@ -53,11 +53,33 @@ impl Schemas {
             .or_insert_with(|| {
                 let mut root = schema();
                 root["components"] = self.components.clone();
+                bound_integer_formats(&mut root);
                 let validator = jsonschema::validator_for(&root)
                     .unwrap_or_else(|e| panic!("schema of {key} does not compile: {e}"));
                 Arc::new(Checker { validator, root })
             })
             .clone()
+    }
+}
+
+/// Give integers the range their OpenAPI `format` promises (`int32`,
+/// `int64`; OpenAPI 3.1 §4.2), which JSON Schema itself does not check:
+/// the server must not take a value the document rules out.
+fn bound_integer_formats(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let max = match map.get("format").and_then(Value::as_str) {
+                Some("int32") => Some(json!(i32::MAX)),
+                Some("int64") => Some(json!(i64::MAX)),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.entry("maximum").or_insert(max);
+            }
+            map.values_mut().for_each(bound_integer_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound_integer_formats),
+        _ => {}
     }
 }
 
@@ -240,6 +262,7 @@ fn describe(kind: &ValidationErrorKind, value: &Value) -> String {
                 allowed.join(", ")
             )
         }
+        K::Pattern { pattern } => format!("{} does not have the form {pattern}", short(value)),
         K::PropertyNames { error } => {
             format!(
                 "key {}: {}",
@@ -444,5 +467,10 @@ mod tests {
         assert!(e.message.contains("`dry_run`"), "{e:?}");
         let e = query_value("dry_run=true&dry_run=false", schema).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("dry_run"));
+        // u64 in Rust, int64 in the document: the document wins.
+        let checker = SCHEMAS.checker("events-test", query_schema::<kumo_api::EventQuery>);
+        let huge = query_value("after=9223372036854775808", &checker.root).unwrap();
+        let e = checker.check(&huge, "query").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("after"), "{e:?}");
     }
 }

@@ -95,10 +95,13 @@ async fn health() -> Json<kumo_api::Health> {
     })
 }
 
-/// The longest request URI served, bytes; longer ones get a 414 with
-/// kumo's error body. (hyper itself refuses request heads that do not fit
-/// its read buffer, about 400 KiB, with an empty 414 or 431.)
-pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// The longest request URI served, bytes: room for every documented query
+/// parameter at its longest, percent-encoded (4096 characters of 4-byte
+/// UTF-8 are 48 KiB). Longer ones get a 414 with kumo's error body. (hyper
+/// itself refuses request heads that do not fit its read buffer, about
+/// 400 KiB, and URIs over 64 KiB, the most the `http` crate parses, with an
+/// empty 414 or 431.)
+pub const MAX_URI_BYTES: usize = 60 * 1024;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()

@@ -107,7 +107,9 @@ pub async fn migrate_cancel(
 
 /// What the guest has written to its serial console.
 #[utoipa::path(get, path = "/v1/vms/{name}/console/log", params(("name" = String, Path)),
-    responses((status = 200, body = ConsoleLog), (status = 404, body = ApiError), (status = 502, body = ApiError)))]
+    responses((status = 200, body = ConsoleLog), (status = 404, body = ApiError),
+        (status = 409, description = "the VM runs on a simulated host, which has no console", body = ApiError),
+        (status = 502, body = ApiError)))]
 pub async fn console_log(state: AppState, ApiPath(name): ApiPath) -> Result<Json<ConsoleLog>> {
     Ok(Json(state.vm_console_log(&name).await?))
 }
@@ -115,7 +117,9 @@ pub async fn console_log(state: AppState, ApiPath(name): ApiPath) -> Result<Json
 /// The interactive serial console: an HTTP upgrade (`Upgrade: kumo-console`)
 /// to a raw byte stream, relayed to the VM's host.
 #[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path)),
-    responses((status = 101, description = "switched to the console byte stream"), (status = 404, body = ApiError), (status = 502, body = ApiError)))]
+    responses((status = 101, description = "switched to the console byte stream"), (status = 404, body = ApiError),
+        (status = 409, description = "the VM runs on a simulated host, which has no console", body = ApiError),
+        (status = 502, body = ApiError)))]
 pub async fn console(
     state: AppState,
     ApiPath(name): ApiPath,
