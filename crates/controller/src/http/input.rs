@@ -174,21 +174,21 @@ fn field_path(location: &Location, extra: Option<&str>, whole: &str) -> String {
     }
 }
 
-/// "unknown field; did you mean `requirements`? Known fields: …"
+/// "unknown field; did you mean `requirements`? Known fields: …."
 pub(super) fn unknown_field_message(name: &str, known: &[String]) -> String {
     let nearest = known
         .iter()
         .map(|k| (strsim::damerau_levenshtein(name, k), k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 3))
         .min_by_key(|(d, _)| *d);
-    let mut msg = "unknown field".to_string();
-    if let Some((_, k)) = nearest {
-        msg.push_str(&format!("; did you mean `{k}`?"));
-    }
+    let mut msg = match nearest {
+        Some((_, k)) => format!("unknown field; did you mean `{k}`?"),
+        None => "unknown field.".to_string(),
+    };
     if known.is_empty() {
-        msg.push_str("; this takes no fields");
+        msg.push_str(" This takes none.");
     } else {
-        msg.push_str(&format!("; known fields: {}", known.join(", ")));
+        msg.push_str(&format!(" Known fields: {}.", known.join(", ")));
     }
     msg
 }
@@ -415,7 +415,7 @@ mod tests {
         assert!(msg.contains("did you mean `zone`?"), "{msg}");
         let msg = unknown_field_message("colour", &known);
         assert!(!msg.contains("did you mean"), "{msg}");
-        assert!(msg.contains("known fields: name, requirements, zone, groups"));
+        assert!(msg.contains("Known fields: name, requirements, zone, groups."), "{msg}");
     }
 
     #[test]
