@@ -200,7 +200,14 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             _ = shared.report_now.notified() => {}
         }
         let applied = shared.applied.lock().await.generation;
-        let vms = vm::statuses(&shared).await;
+        let mut vms = vm::statuses(&shared).await;
+        // A heartbeat the controller refuses would leave the host `down`.
+        for vm in &mut vms {
+            vm.message = vm.message.take().map(kumo_api::bounded_message);
+            if let Some(m) = &mut vm.migration {
+                m.message = m.message.take().map(kumo_api::bounded_message);
+            }
+        }
         // Simulated hosts report their guests' simulated load, not the
         // machine's they share.
         let load = match shared.driver {

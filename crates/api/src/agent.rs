@@ -145,6 +145,21 @@ impl MigrationStatus {
     }
 }
 
+/// The longest message (characters) a VM's status or a migration's status
+/// may carry in a heartbeat: the `maxLength` of their schemas.
+pub const MAX_STATUS_MESSAGE: usize = 4096;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE`] characters (an error chain that
+/// quotes QEMU's stderr can be longer), marked with `…` where it was cut.
+pub fn bounded_message(message: String) -> String {
+    if message.chars().count() <= MAX_STATUS_MESSAGE {
+        return message;
+    }
+    let mut cut: String = message.chars().take(MAX_STATUS_MESSAGE - 1).collect();
+    cut.push('…');
+    cut
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {

@@ -54,6 +54,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_messages_fit_their_schema() {
+        let long = "é".repeat(MAX_STATUS_MESSAGE + 10);
+        let cut = bounded_message(long);
+        assert_eq!(cut.chars().count(), MAX_STATUS_MESSAGE);
+        assert!(cut.ends_with('…'));
+        assert_eq!(bounded_message("short".into()), "short");
+    }
+
+    #[test]
     fn bearer_tokens() {
         for (value, token) in [
             ("Bearer abc", Some("abc")),
