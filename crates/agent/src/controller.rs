@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-const IDENTITY: &str = "identity.json";
+pub(crate) const IDENTITY: &str = "identity.json";
 
 /// Who this host is to the controller; kept in the data dir.
 #[derive(Clone, Serialize, Deserialize)]
@@ -152,7 +152,7 @@ impl Controller {
             agent_secret: self.register.agent_secret.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&identity).expect("identity serializes");
-        ledger::write_atomic(data_dir, IDENTITY, &bytes)
+        kumo_private_fs::write_file(&data_dir.join(IDENTITY), &bytes)
             .map_err(|e| CallError::Local(format!("saving the identity: {e:#}")))?;
         *self.identity.lock().expect("lock") = identity;
         tracing::info!(host_id = %r.host_id, "joined the pool");

@@ -1,12 +1,11 @@
 //! The ledger: the last desired state received, persisted atomically (temp
-//! file, fsync, rename) before the agent acts on it.
+//! file, fsync, rename) and owner-only before the agent acts on it.
 
 use anyhow::Context;
 use kumo_api::DesiredState;
-use std::io::Write;
 use std::path::Path;
 
-const FILE: &str = "desired.json";
+pub(crate) const FILE: &str = "desired.json";
 
 pub fn load(dir: &Path) -> anyhow::Result<Option<DesiredState>> {
     match std::fs::read(dir.join(FILE)) {
@@ -19,19 +18,8 @@ pub fn load(dir: &Path) -> anyhow::Result<Option<DesiredState>> {
 }
 
 pub fn store(dir: &Path, desired: &DesiredState) -> anyhow::Result<()> {
-    write_atomic(dir, FILE, &serde_json::to_vec_pretty(desired)?)
-}
-
-/// Replace `dir/name` with `bytes` so that a crash leaves the old or the new
-/// content, never a mix.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    let bytes = serde_json::to_vec_pretty(desired)?;
+    Ok(kumo_private_fs::write_file(&dir.join(FILE), &bytes)?)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use anyhow::Context;
 use kumo_api::DesiredState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -106,11 +106,25 @@ impl Drop for Agent {
     }
 }
 
+/// Create the data dir and its `vms/` owner-only, and tighten what an older
+/// version made 0755 and 0644: once the data dir is 0700, nothing under it
+/// (guests' consoles and sockets, the image cache) is in anyone else's reach.
+fn make_data_dir_private(dir: &Path) -> Result<(), kumo_private_fs::Error> {
+    use kumo_private_fs::{DIR_MODE, FILE_MODE};
+    let vms = dir.join("vms");
+    kumo_private_fs::tighten(&[
+        (dir, DIR_MODE),
+        (&vms, DIR_MODE),
+        (&dir.join(controller::IDENTITY), FILE_MODE),
+        (&dir.join(ledger::FILE), FILE_MODE),
+    ])?;
+    kumo_private_fs::create_dir(&vms)
+}
+
 /// Start an agent: join (or re-join), re-attach to guests from the ledger,
 /// then follow the controller.
 pub async fn start(config: Config) -> anyhow::Result<Agent> {
-    std::fs::create_dir_all(config.data_dir.join("vms"))
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    make_data_dir_private(&config.data_dir)?;
     let driver = driver::Driver::probe(
         config.driver,
         config.accel,

@@ -21,21 +21,13 @@ fn path() -> Result<PathBuf> {
 }
 
 pub fn save(url: &str, token: &str) -> Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = path()?;
-    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(&serde_json::to_vec_pretty(&Credentials {
+    kumo_private_fs::create_dir(path.parent().expect("has a parent"))?;
+    let bytes = serde_json::to_vec_pretty(&Credentials {
         url: url.to_string(),
         token: token.to_string(),
-    })?)?;
+    })?;
+    kumo_private_fs::write_file(&path, &bytes)?;
     Ok(path)
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 /// How a controller is set up.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Holds `state.db`, `admin-token` and the image files.
+    /// Holds `state.db`, `admin-token` and the image files, owner-only.
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     /// A host that sent no heartbeat for this long is `down`.

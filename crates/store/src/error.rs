@@ -27,6 +27,9 @@ pub enum Error {
         supported: i64,
     },
 
+    #[error("cannot make the store files owner-only")]
+    Permissions(#[from] kumo_private_fs::Error),
+
     #[error("store operation cancelled: the async runtime is shutting down")]
     Cancelled,
 }

@@ -18,6 +18,13 @@
 //! lose the last commits (never corrupt the file); the WAL is fsynced at each
 //! checkpoint. That is the trade-off we accept for sub-millisecond writes.
 //!
+//! # Permissions
+//!
+//! The file holds secrets (each agent's console secret), so it is created
+//! 0600 before SQLite opens it: SQLite gives the `-wal`, `-shm` and `-journal`
+//! files the database's mode. Opening tightens these files when an older
+//! version left them open (0644).
+//!
 //! # One process per file
 //!
 //! The connection uses `locking_mode=EXCLUSIVE`, so a second process (or a
@@ -120,9 +127,26 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// Create the database file 0600 unless it exists, before SQLite opens it
+/// and creates its side files with the same mode; tighten the files an
+/// older version left open (SQLite reuses a `-wal` a crash left behind).
+fn make_owner_only(path: &Path) -> Result<(), kumo_private_fs::Error> {
+    let side_files = ["-wal", "-shm", "-journal"].map(|suffix| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    });
+    let files: Vec<_> = std::iter::once(path)
+        .chain(side_files.iter().map(PathBuf::as_path))
+        .map(|f| (f, kumo_private_fs::FILE_MODE))
+        .collect();
+    kumo_private_fs::tighten(&files)?;
+    kumo_private_fs::create_file(path)
+}
+
 impl SqliteStore {
-    /// Opens (creating if needed) the store file at `path`. Its directory
-    /// must exist.
+    /// Opens (creating if needed, owner-only) the store file at `path`. Its
+    /// directory must exist.
     pub fn open(path: &Path) -> Result<Self, Error> {
         Self::open_with_busy_timeout(path, BUSY_TIMEOUT)
     }
@@ -134,6 +158,7 @@ impl SqliteStore {
             },
             _ => Error::Sqlite(e),
         };
+        make_owner_only(path)?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
         // Before switching to WAL, so that the WAL index lives in heap memory
@@ -628,6 +653,47 @@ mod tests {
             matches!(err, Error::SchemaVersion { found: 2, .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn files_are_owner_only_and_an_older_versions_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| {
+            format!(
+                "{:o}",
+                std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+            )
+        };
+        let chmod =
+            |p: &Path, m| std::fs::set_permissions(p, PermissionsExt::from_mode(m)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let wal = dir.path().join("store.db-wal");
+        let store = SqliteStore::open(&path).unwrap();
+        let op = Op::Put {
+            key: "k".into(),
+            value: b"secret".to_vec(),
+        };
+        let mut state = store.shared.lock_state();
+        state
+            .txn(store.shared.revision(), &[], vec![op], vec![])
+            .unwrap();
+        drop(state);
+        assert_eq!(mode(&path), "600");
+        assert_eq!(
+            mode(&wal),
+            "600",
+            "SQLite gives the WAL the database's mode"
+        );
+        drop(store);
+        // As an older version left them: readable by all, and a WAL a
+        // crash kept (empty is a valid one).
+        chmod(&path, 0o644);
+        std::fs::write(&wal, "").unwrap();
+        chmod(&wal, 0o644);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!((mode(&path), mode(&wal)), ("600".into(), "600".into()));
+        assert!(store.shared.lock_state().get("k").unwrap().is_some());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use kumo_api::{HostState, VmState};
 use kumo_testkit::{tiny_image, vm_request, wait_until, wait_vm, RealCloud, GUEST_READY};
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -36,6 +37,16 @@ async fn real_guest_lifecycle_survives_agent_and_controller_crashes() {
     assert!(out.contains("hi-42"));
     let pids = cloud.qemu_pids();
     assert_eq!(pids.len(), 1, "one QEMU for one VM");
+    // The guest's directory (QMP and console sockets, console log) is the
+    // agent's alone.
+    let web = c.vm("web").await.unwrap();
+    let dir = cloud
+        .dir
+        .path()
+        .join("host-h1/vms")
+        .join(web.id.to_string());
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
 
     // The same through the CLI: the interactive console fed from a pipe.
     let out = cloud

@@ -60,7 +60,7 @@ impl Qemu {
             Accel::Auto => "tcg",
         };
         if let Some(ds) = datastore {
-            std::fs::create_dir_all(ds.join("disks"))
+            kumo_private_fs::create_dir(&ds.join("disks"))
                 .with_context(|| format!("datastore {}", ds.display()))?;
         }
         Ok(Qemu {
@@ -250,7 +250,7 @@ impl QemuGuest {
         spec: &VmSpec,
         setup: DiskSetup,
     ) -> anyhow::Result<()> {
-        tokio::fs::create_dir_all(&self.dir).await?;
+        kumo_private_fs::create_dir(&self.dir)?;
         if self.path("console.sock").as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
                 "data dir path too long for unix sockets: {}",
@@ -352,7 +352,7 @@ impl QemuGuest {
     /// The NoCloud seed: the VM's name becomes the guest's hostname.
     async fn write_seed(&self, spec: &VmSpec) -> anyhow::Result<()> {
         let seed = self.path("seed");
-        tokio::fs::create_dir_all(&seed).await?;
+        kumo_private_fs::create_dir(&seed)?;
         let meta = format!("instance-id: {}\nlocal-hostname: {}\n", spec.id, spec.name);
         tokio::fs::write(seed.join("meta-data"), meta).await?;
         tokio::fs::write(seed.join("user-data"), "#cloud-config\n").await?;
@@ -469,11 +469,9 @@ impl QemuGuest {
     }
 
     pub fn save_reboots(&self, n: u64) {
-        let saved = std::fs::create_dir_all(&self.dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                crate::ledger::write_atomic(&self.dir, "reboots", n.to_string().as_bytes())
-            });
+        let saved = kumo_private_fs::create_dir(&self.dir).and_then(|()| {
+            kumo_private_fs::write_file(&self.path("reboots"), n.to_string().as_bytes())
+        });
         if let Err(e) = saved {
             tracing::warn!(dir = %self.dir.display(), error = %e, "saving the reboot count");
         }

@@ -91,7 +91,8 @@ impl QemuGuest {
     }
 
     fn write_note<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
-        crate::ledger::write_atomic(&self.dir, name, &serde_json::to_vec(value)?)
+        let bytes = serde_json::to_vec(value)?;
+        Ok(kumo_private_fs::write_file(&self.path(name), &bytes)?)
     }
 
     /// Target: start (or find) the QEMU waiting for the guest, and say

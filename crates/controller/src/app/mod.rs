@@ -272,11 +272,20 @@ pub fn sha256_hex(s: &str) -> String {
 
 impl App {
     pub async fn open(config: &Config) -> anyhow::Result<Arc<App>> {
-        std::fs::create_dir_all(config.data_dir.join("images"))?;
-        let admin_token = load_or_create_admin_token(&config.data_dir)?;
+        use kumo_private_fs::{DIR_MODE, FILE_MODE};
+        let images = config.data_dir.join("images");
+        let token_path = config.data_dir.join("admin-token");
+        // Older versions made these 0755 and 0644; the store sees to its own files.
+        kumo_private_fs::tighten(&[
+            (&config.data_dir, DIR_MODE),
+            (&images, DIR_MODE),
+            (&token_path, FILE_MODE),
+        ])?;
+        kumo_private_fs::create_dir(&images)?;
+        let admin_token = load_or_create_admin_token(&token_path)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("state.db"))?);
         let inv = load_inventory(store.as_ref()).await?;
-        remove_orphan_images(&config.data_dir.join("images"), &inv);
+        remove_orphan_images(&images, &inv);
         let generations = inv
             .hosts
             .values()
@@ -371,27 +380,15 @@ impl App {
     }
 }
 
-fn load_or_create_admin_token(dir: &Path) -> anyhow::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("admin-token");
-    match std::fs::read_to_string(&path) {
+fn load_or_create_admin_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
     let token = random_secret();
-    let tmp = dir.join("admin-token.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(format!("{token}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    kumo_private_fs::write_file(path, format!("{token}\n").as_bytes())?;
     Ok(token)
 }
 
