@@ -54,7 +54,7 @@ pub enum Refusal {
     NotSectors(u64),
     #[error("the qcow2 image is corrupt: {0}")]
     Corrupt(String),
-    #[error("qemu-img exceeded its limits ({} MiB of memory, {} s of CPU) inspecting the image", crate::QEMU_IMG_ADDRESS_SPACE >> 20, crate::QEMU_IMG_CPU_SECONDS)]
+    #[error("qemu-img exceeded its limits ({} GiB of memory, {} s of CPU) inspecting the image", crate::QEMU_IMG_ADDRESS_SPACE >> 30, crate::QEMU_IMG_CPU_SECONDS)]
     Limits,
 }
 
