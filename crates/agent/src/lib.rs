@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 pub use driver::qemu::live_pid as qemu_pid;
+pub use driver::qemu::{Launch, MachineSpec};
 pub use driver::{Accel, DriverKind};
 
 #[derive(Clone, Debug)]

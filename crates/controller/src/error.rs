@@ -10,6 +10,9 @@ pub enum Error {
     Api(#[from] ApiError),
     #[error("state store")]
     Store(#[from] kumo_store::Error),
+    /// qemu-img could not judge an image (not the image's fault).
+    #[error("inspecting the image")]
+    Inspect(#[source] kumo_image::Error),
     #[error("{0}")]
     Internal(String),
 }

@@ -649,7 +649,10 @@ const SCHEMATHESIS: &str = "st";
 /// not refused with 405 and `Allow`, and any operation that works without
 /// its token. Bounded: few examples per operation, a time budget, a fixed
 /// seed. Power saving's settings are left out: they hold shell commands
-/// the controller runs, and fuzzed text is no command to run.
+/// the controller runs, and fuzzed text is no command to run. So is the
+/// image upload: generating its binary bodies trips a CPython recursion
+/// check in the fuzzer now and then, and crafted images are tested in
+/// `images.rs`.
 #[tokio::test]
 async fn fuzzer_finds_no_disagreement_with_the_document() {
     let cloud = cloud().await;
@@ -678,6 +681,8 @@ async fn fuzzer_finds_no_disagreement_with_the_document() {
             "2",
             "--exclude-path",
             "/v1/zones/{name}/power-saving",
+            "--exclude-operation-id",
+            "import",
             "--no-color",
         ])
         .env("SCHEMATHESIS_HOOKS", "")

@@ -1,7 +1,10 @@
 //! The host's image cache: images fetched from the controller once, checked
-//! against their SHA-256, kept as `<data-dir>/images/<sha256>` — or in the
-//! shared datastore's `images/`, where disks there find their backing file
-//! under the same path on every host.
+//! against their SHA-256 and inspected again as the controller did on
+//! import ([`kumo_image::inspect`], defense in depth: an image names no
+//! host file, whatever put it in the controller's store), kept as
+//! `<data-dir>/images/<sha256>` — or in the shared datastore's `images/`,
+//! where disks there find their backing file under the same path on every
+//! host.
 
 use crate::Shared;
 use anyhow::{bail, Context};
@@ -29,7 +32,7 @@ pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf
     if tokio::fs::try_exists(&path).await? {
         return Ok(path);
     }
-    tokio::fs::create_dir_all(&dir).await?;
+    kumo_private_fs::create_dir(&dir)?;
     // Named per host: hosts sharing a datastore may fetch at once.
     let tmp = dir.join(format!(".{}.{}.part", image.sha256, shared.config.name));
     let (url, token) = shared.controller.image_url(image.id);
@@ -59,6 +62,15 @@ pub async fn ensure(shared: &Shared, image: &ImageRef) -> anyhow::Result<PathBuf
             image.id,
             image.sha256
         );
+    }
+    // Read as the format the controller recorded, as QEMU will open it.
+    if let Err(e) = kumo_image::inspect(&tmp, Some(image.format)).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        let what = match e {
+            kumo_image::Error::Refused(_) => "refused",
+            _ => "could not be inspected",
+        };
+        return Err(anyhow::Error::new(e).context(format!("image {} {what}", image.id)));
     }
     tokio::fs::rename(&tmp, &path).await?;
     tracing::info!(image = %image.id, bytes = image.size_bytes, "image cached");

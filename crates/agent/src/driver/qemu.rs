@@ -13,11 +13,12 @@
 use super::{images, Accel};
 use crate::{metrics, Shared};
 use anyhow::{bail, Context};
-use kumo_api::{HypervisorInfo, VmSpec};
+use kumo_api::{HypervisorInfo, ImageFormat, VmSpec};
 use kumo_qmp::Qmp;
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -231,25 +232,26 @@ impl QemuGuest {
     }
 
     pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
-        self.prepare(shared, spec, DiskSetup::Keep).await?;
-        self.launch(spec, Launch::Run).await
+        let image = self.prepare(shared, spec, DiskSetup::Keep).await?;
+        self.launch(spec, &image, Launch::Run).await
     }
 
     /// Start QEMU with the guest's vCPUs stopped before they ever ran: a
     /// stopped VM's QEMU, only to send the guest to another host.
     pub async fn start_paused(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
-        self.prepare(shared, spec, DiskSetup::Keep).await?;
-        self.launch(spec, Launch::Paused).await
+        let image = self.prepare(shared, spec, DiskSetup::Keep).await?;
+        self.launch(spec, &image, Launch::Paused).await
     }
 
-    /// Everything QEMU needs before it starts: the directory, the disk (as
-    /// `setup` says) and the seed.
+    /// Everything QEMU needs before it starts: the directory, the image in
+    /// the cache (its path is returned), the disk (as `setup` says) and the
+    /// seed.
     pub(super) async fn prepare(
         &self,
         shared: &Shared,
         spec: &VmSpec,
         setup: DiskSetup,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<PathBuf> {
         kumo_private_fs::create_dir(&self.dir)?;
         if self.path("console.sock").as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
@@ -269,6 +271,7 @@ impl QemuGuest {
                 }
                 if !self.disk.exists() {
                     let tmp = self.disk.with_extension("qcow2.tmp");
+                    // `-F`: the base's format as imported, never probed.
                     run(tokio::process::Command::new("qemu-img")
                         .args([
                             "create",
@@ -288,58 +291,35 @@ impl QemuGuest {
                 }
             }
         }
-        self.write_seed(spec).await
+        self.write_seed(spec).await?;
+        Ok(image)
     }
 
-    /// Start QEMU, detached.
-    pub(super) async fn launch(&mut self, spec: &VmSpec, how: Launch) -> anyhow::Result<()> {
+    /// Start QEMU, detached, on the disk over `image`.
+    pub(super) async fn launch(
+        &mut self,
+        spec: &VmSpec,
+        image: &Path,
+        how: Launch,
+    ) -> anyhow::Result<()> {
         for stale in ["qmp.sock", "console.sock", "qemu.pid"] {
             let _ = tokio::fs::remove_file(self.path(stale)).await;
         }
-        let dir = self.dir.display();
-        let disk = self.disk.display();
-        let mut cmd = tokio::process::Command::new(BINARY);
-        cmd.arg("-name")
-            .arg(format!("guest={},debug-threads=on", spec.name))
-            .arg("-uuid")
-            .arg(spec.id.to_string())
-            .args(["-machine", &format!("pc,accel={}", self.accel)])
-            .args(["-cpu", if self.accel == "kvm" { "host" } else { "max" }])
-            .args(["-smp", &spec.size.vcpus.to_string(), "-m", &spec.size.memory_mib.to_string()])
-            .args(["-nodefaults", "-display", "none"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=serial0,path={dir}/console.sock,server=on,wait=off,logfile={dir}/console.log,logappend=on"
-            ))
-            .args(["-serial", "chardev:serial0"])
-            .arg("-qmp")
-            .arg(format!("unix:{dir}/qmp.sock,server=on,wait=off"))
-            // Named block nodes: the disk is mirrored (`disk0`) and
-            // exported over NBD by node name when it migrates.
-            .arg("-blockdev")
-            .arg(format!("driver=file,filename={disk},node-name=disk0-file,discard=unmap"))
-            .arg("-blockdev")
-            .arg("driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap")
-            .args(["-device", "virtio-blk-pci,drive=disk0"])
-            .arg("-blockdev")
-            .arg(format!("driver=file,filename={dir}/seed.iso,node-name=seed0-file,read-only=on"))
-            .arg("-blockdev")
-            .arg("driver=raw,file=seed0-file,node-name=seed0,read-only=on")
-            .args(["-device", "virtio-blk-pci,drive=seed0"])
-            .args(["-nic", "user,model=virtio-net-pci"])
-            .arg("-daemonize")
-            .arg("-pidfile")
-            .arg(format!("{dir}/qemu.pid"));
-        match how {
-            Launch::Run => {}
-            Launch::Paused => {
-                cmd.arg("-S");
-            }
-            Launch::Incoming => {
-                cmd.args(["-incoming", "defer"]);
-            }
-        }
-        run(&mut cmd).await.context("starting QEMU")?;
+        let machine = MachineSpec {
+            name: &spec.name,
+            id: spec.id,
+            vcpus: spec.size.vcpus,
+            memory_mib: spec.size.memory_mib,
+            accel: self.accel,
+            dir: &self.dir,
+            disk: &self.disk,
+            image,
+            image_format: spec.image.format,
+            launch: how,
+        };
+        run(tokio::process::Command::new(BINARY).args(machine.argv()))
+            .await
+            .context("starting QEMU")?;
         if !self.is_running().await {
             bail!("QEMU exited right after starting");
         }
@@ -489,9 +469,123 @@ impl QemuGuest {
     }
 }
 
-/// How [`QemuGuest::launch`] starts QEMU.
+/// Everything QEMU's command line is built from ([`MachineSpec::argv`]
+/// is a pure function of it, so tests can see what QEMU is told).
+#[derive(Clone, Debug)]
+pub struct MachineSpec<'a> {
+    /// The VM's name (names are checked: no commas).
+    pub name: &'a str,
+    pub id: Uuid,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// `kvm` or `tcg`.
+    pub accel: &'a str,
+    /// The VM's directory: QMP and console sockets, console log, pidfile
+    /// and `seed.iso`.
+    pub dir: &'a Path,
+    /// The guest's disk: a qcow2 overlay of `image`.
+    pub disk: &'a Path,
+    /// The base image in the host's cache, and the format it was imported
+    /// (and inspected) as.
+    pub image: &'a Path,
+    pub image_format: ImageFormat,
+    pub launch: Launch,
+}
+
+impl MachineSpec<'_> {
+    /// QEMU's arguments.
+    ///
+    /// The disks are block graphs spelled out node by node, so nothing in
+    /// an image file decides what QEMU opens (an image is untrusted input,
+    /// see docs/images.md): every node names its driver (no format
+    /// probing) and its `file` node; the base image is a read-only node of
+    /// the format it was imported as, with `backing: null` where the
+    /// format has a backing at all; the guest's overlay takes that node as
+    /// its backing instead of the file named in its header. The overlay's
+    /// node is `disk0`: migration mirrors and exports it by that name.
+    /// (`-blockdev` in JSON: `null` has no `key=value` spelling, and JSON
+    /// strings need no escaping of commas in paths.)
+    pub fn argv(&self) -> Vec<String> {
+        let dir = self.dir;
+        let blockdev = |node: Value| ["-blockdev".to_string(), node.to_string()];
+        let mut image = json!({
+            "driver": self.image_format.as_str(), "file": "image0-file",
+            "node-name": "image0", "read-only": true,
+        });
+        if self.image_format == ImageFormat::Qcow2 {
+            image["backing"] = Value::Null;
+        }
+        let mut argv: Vec<String> = [
+            "-name".to_string(),
+            format!("guest={},debug-threads=on", self.name),
+            "-uuid".into(),
+            self.id.to_string(),
+            "-machine".into(),
+            format!("pc,accel={}", self.accel),
+            "-cpu".into(),
+            if self.accel == "kvm" { "host" } else { "max" }.into(),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+                option_path(&dir.join("console.sock")),
+                option_path(&dir.join("console.log")),
+            ),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                option_path(&dir.join("qmp.sock"))
+            ),
+        ]
+        .into();
+        argv.extend(blockdev(json!({
+            "driver": "file", "filename": self.image.to_string_lossy(), "node-name": "image0-file", "read-only": true,
+        })));
+        argv.extend(blockdev(image));
+        argv.extend(blockdev(json!({
+            "driver": "file", "filename": self.disk.to_string_lossy(), "node-name": "disk0-file", "discard": "unmap",
+        })));
+        argv.extend(blockdev(json!({
+            "driver": "qcow2", "file": "disk0-file", "backing": "image0",
+            "node-name": "disk0", "discard": "unmap",
+        })));
+        argv.extend(["-device".into(), "virtio-blk-pci,drive=disk0".into()]);
+        argv.extend(blockdev(json!({
+            "driver": "file", "filename": dir.join("seed.iso").to_string_lossy(), "node-name": "seed0-file", "read-only": true,
+        })));
+        argv.extend(blockdev(json!({
+            "driver": "raw", "file": "seed0-file", "node-name": "seed0", "read-only": true,
+        })));
+        argv.extend(["-device".into(), "virtio-blk-pci,drive=seed0".into()]);
+        argv.extend(["-nic".into(), "user,model=virtio-net-pci".into()]);
+        argv.extend(["-daemonize".into(), "-pidfile".into()]);
+        argv.push(dir.join("qemu.pid").display().to_string());
+        match self.launch {
+            Launch::Run => {}
+            Launch::Paused => argv.push("-S".into()),
+            Launch::Incoming => argv.extend(["-incoming".into(), "defer".into()]),
+        }
+        argv
+    }
+}
+
+/// A path as the value in a QEMU `key=value,...` option: a comma is
+/// doubled, so a path cannot end the value and add options.
+fn option_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// How QEMU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Launch {
+pub enum Launch {
     Run,
     /// vCPUs stopped before they ran (`-S`).
     Paused,
@@ -544,4 +638,111 @@ pub(super) async fn run(cmd: &mut tokio::process::Command) -> anyhow::Result<()>
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(image_format: ImageFormat, launch: Launch) -> MachineSpec<'static> {
+        MachineSpec {
+            name: "web",
+            id: Uuid::nil(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: "tcg",
+            dir: Path::new("/var/lib/kumo/vms/x"),
+            disk: Path::new("/var/lib/kumo/vms/x/disk.qcow2"),
+            image: Path::new("/var/lib/kumo/images/abc"),
+            image_format,
+            launch,
+        }
+    }
+
+    /// The `-blockdev` nodes of `argv`, by node name.
+    fn blockdevs(argv: &[String]) -> std::collections::BTreeMap<String, Value> {
+        argv.windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| {
+                let node: Value = serde_json::from_str(&w[1]).unwrap();
+                (node["node-name"].as_str().unwrap().to_string(), node)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_base_image_is_an_explicit_node_without_backing() {
+        let nodes = blockdevs(&spec(ImageFormat::Qcow2, Launch::Run).argv());
+        assert_eq!(
+            nodes["image0-file"],
+            json!({"driver": "file", "filename": "/var/lib/kumo/images/abc",
+                   "node-name": "image0-file", "read-only": true})
+        );
+        assert_eq!(
+            nodes["image0"],
+            json!({"driver": "qcow2", "file": "image0-file", "node-name": "image0",
+                   "read-only": true, "backing": null})
+        );
+        // The guest's disk: the overlay over that node, not over the file
+        // its header names; `disk0` is what migration mirrors and exports.
+        assert_eq!(
+            nodes["disk0"],
+            json!({"driver": "qcow2", "file": "disk0-file", "backing": "image0",
+                   "node-name": "disk0", "discard": "unmap"})
+        );
+        assert_eq!(
+            nodes["disk0-file"]["filename"],
+            "/var/lib/kumo/vms/x/disk.qcow2"
+        );
+        // Every format node names its driver and its file: nothing probed.
+        for node in nodes.values() {
+            assert!(node["driver"].is_string(), "{node}");
+            if node["driver"] != "file" {
+                assert!(node["file"].is_string(), "{node}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_raw_base_is_opened_as_raw() {
+        let argv = spec(ImageFormat::Raw, Launch::Run).argv();
+        let nodes = blockdevs(&argv);
+        // raw has no backing to turn off (QEMU refuses the option there).
+        assert_eq!(
+            nodes["image0"],
+            json!({"driver": "raw", "file": "image0-file", "node-name": "image0",
+                   "read-only": true})
+        );
+        assert_eq!(nodes["disk0"]["backing"], "image0");
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-device", "virtio-blk-pci,drive=disk0"]));
+    }
+
+    #[test]
+    fn how_qemu_starts() {
+        let argv = |launch| spec(ImageFormat::Qcow2, launch).argv();
+        assert!(argv(Launch::Run).ends_with(&[
+            "-daemonize".to_string(),
+            "-pidfile".into(),
+            "/var/lib/kumo/vms/x/qemu.pid".into()
+        ]));
+        assert!(argv(Launch::Paused).ends_with(&["-S".to_string()]));
+        assert!(argv(Launch::Incoming).ends_with(&["-incoming".to_string(), "defer".into()]));
+    }
+
+    #[test]
+    fn a_comma_in_a_path_cannot_add_options() {
+        let argv = MachineSpec {
+            dir: Path::new("/srv/a,b"),
+            disk: Path::new("/srv/a,b/disk.qcow2"),
+            ..spec(ImageFormat::Qcow2, Launch::Run)
+        }
+        .argv();
+        assert!(argv.contains(&"unix:/srv/a,,b/qmp.sock,server=on,wait=off".to_string()));
+        assert_eq!(
+            blockdevs(&argv)["disk0-file"]["filename"],
+            "/srv/a,b/disk.qcow2"
+        );
+    }
 }

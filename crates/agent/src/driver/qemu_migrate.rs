@@ -177,9 +177,9 @@ impl QemuGuest {
             MigrationStorage::Shared => DiskSetup::Existing,
             MigrationStorage::Local => DiskSetup::Fresh,
         };
-        self.prepare(shared, spec, setup).await?;
+        let image = self.prepare(shared, spec, setup).await?;
         let _ = std::fs::remove_file(self.path("resumed_us"));
-        self.launch(spec, Launch::Incoming).await?;
+        self.launch(spec, &image, Launch::Incoming).await?;
         let qmp = self.qmp()?;
         let nbd = match storage {
             MigrationStorage::Shared => None,

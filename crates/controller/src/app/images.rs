@@ -1,10 +1,15 @@
-//! Images: disk images VMs boot from. An import is checked with qemu-img
-//! (format detected, qcow2 checked for corruption, backing files refused)
-//! and checksummed; the file is kept under `<data-dir>/images/<id>`.
+//! Images: disk images VMs boot from. An image is untrusted input: an
+//! import is judged by [`kumo_image::inspect`] (the same inspection every
+//! agent repeats on the image it downloads): qcow2 or raw only, no backing
+//! file, external data file or other name of a host file or protocol,
+//! bounded sizes, qcow2 checked for corruption, qemu-img run under memory
+//! and CPU limits (see docs/images.md). A refused upload is answered 400
+//! naming `file` and leaves nothing behind; an accepted one is checksummed
+//! and kept under `<data-dir>/images/<id>`.
 
 use super::{lookup, now_ms, App, Batch};
 use crate::error::Result;
-use kumo_api::{validate_name, ApiError, ErrorCode, Image, ImageFormat, DEFAULT_PROJECT};
+use kumo_api::{validate_name, ApiError, ErrorCode, Image, DEFAULT_PROJECT};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -14,70 +19,18 @@ fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
 }
 
-/// What `qemu-img info` says of a file.
-#[derive(serde::Deserialize)]
-struct QemuImgInfo {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-    #[serde(rename = "backing-filename", default)]
-    backing_filename: Option<String>,
-}
-
-fn invalid_file(message: String) -> crate::Error {
-    ApiError::invalid("file", message).into()
-}
-
-async fn inspect(path: &Path, size: u64) -> Result<(ImageFormat, u64)> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path)
-        .output()
+/// Judge an uploaded file with the inspection every agent repeats on
+/// download: a bad image is the uploader's fault (400, `file`), a failure
+/// to run qemu-img the controller's (500).
+async fn inspect(upload: &Path) -> Result<kumo_image::Inspected> {
+    kumo_image::inspect(upload, None)
         .await
-        .map_err(|e| crate::Error::internal(format!("running qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(invalid_file(format!(
-            "not a readable disk image: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let info: QemuImgInfo = serde_json::from_slice(&out.stdout).map_err(crate::Error::internal)?;
-    let format = match info.format.as_str() {
-        "qcow2" => ImageFormat::Qcow2,
-        "raw" => ImageFormat::Raw,
-        other => {
-            return Err(invalid_file(format!(
-                "format {other} is not supported; allowed: qcow2, raw (convert with `qemu-img convert -O qcow2`)"
-            )))
-        }
-    };
-    if info.backing_filename.is_some() {
-        return Err(invalid_file(
-            "the qcow2 image has a backing file; flatten it first (`qemu-img convert`)".into(),
-        ));
-    }
-    match format {
-        ImageFormat::Raw if size == 0 || size % 512 != 0 => Err(invalid_file(format!(
-            "{size} bytes is not a raw disk image: expected a non-empty whole number of 512-byte sectors"
-        ))),
-        ImageFormat::Qcow2 => {
-            let check = tokio::process::Command::new("qemu-img")
-                .args(["check", "-q", "-f", "qcow2"])
-                .arg(path)
-                .output()
-                .await
-                .map_err(|e| crate::Error::internal(format!("running qemu-img: {e}")))?;
-            // 0: clean, 3: leaked clusters only (harmless).
-            match check.status.code() {
-                Some(0 | 3) => Ok((format, info.virtual_size)),
-                _ => Err(invalid_file(format!(
-                    "the qcow2 image is corrupt: {}",
-                    String::from_utf8_lossy(&check.stderr).trim()
-                ))),
+        .map_err(|e| match e {
+            kumo_image::Error::Refused(refusal) => {
+                ApiError::invalid("file", refusal.to_string()).into()
             }
-        }
-        ImageFormat::Raw => Ok((format, info.virtual_size)),
-    }
+            other => crate::Error::Inspect(other),
+        })
 }
 
 impl App {
@@ -137,7 +90,10 @@ impl App {
         sha256: String,
     ) -> Result<Image> {
         self.image_check_name(name).await?;
-        let (format, virtual_size_bytes) = inspect(upload, size).await?;
+        let kumo_image::Inspected {
+            format,
+            virtual_size: virtual_size_bytes,
+        } = inspect(upload).await?;
         let image = Image {
             id: Uuid::new_v4(),
             name: name.to_string(),

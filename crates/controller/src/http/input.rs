@@ -415,7 +415,10 @@ mod tests {
         assert!(msg.contains("did you mean `zone`?"), "{msg}");
         let msg = unknown_field_message("colour", &known);
         assert!(!msg.contains("did you mean"), "{msg}");
-        assert!(msg.contains("Known fields: name, requirements, zone, groups."), "{msg}");
+        assert!(
+            msg.contains("Known fields: name, requirements, zone, groups."),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -338,9 +338,9 @@ async fn boot(vms: usize) -> Result<()> {
     Ok(())
 }
 
-/// Start QEMU the way the agent does (see the agent's `driver/qemu.rs`) on a
-/// fresh overlay and seed, time it, and kill it. Also returns how long
-/// making the overlay and seed took.
+/// Start QEMU the way the agent does (the agent's own command line,
+/// [`kumo_agent::MachineSpec`]) on a fresh overlay and seed, time it, and
+/// kill it. Also returns how long making the overlay and seed took.
 async fn launch_direct(image: &Path, dir: &Path) -> Result<(Duration, Launch)> {
     std::fs::create_dir_all(dir)?;
     let path = |name: &str| dir.join(name).display().to_string();
@@ -366,23 +366,22 @@ async fn launch_direct(image: &Path, dir: &Path) -> Result<(Duration, Launch)> {
         ])
         .args([path("meta-data"), path("user-data")]))?;
     let prepared = t_prepare.elapsed();
-    let d = dir.display();
+    let disk = dir.join("disk.qcow2");
+    let argv = kumo_agent::MachineSpec {
+        name: "direct",
+        id: uuid::Uuid::nil(),
+        vcpus: 1,
+        memory_mib: 256,
+        accel: "tcg",
+        dir,
+        disk: &disk,
+        image,
+        image_format: kumo_api::ImageFormat::Qcow2,
+        launch: kumo_agent::Launch::Run,
+    }
+    .argv();
     let t0 = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-name", "guest=direct,debug-threads=on", "-machine", "pc,accel=tcg", "-cpu", "max"])
-        .args(["-smp", "1", "-m", "256", "-nodefaults", "-display", "none", "-chardev"])
-        .arg(format!(
-            "socket,id=serial0,path={d}/console.sock,server=on,wait=off,logfile={d}/console.log,logappend=on"
-        ))
-        .args(["-serial", "chardev:serial0", "-qmp", &format!("unix:{d}/qmp.sock,server=on,wait=off")])
-        .args(["-blockdev", &format!("driver=file,filename={d}/disk.qcow2,node-name=disk0-file,discard=unmap")])
-        .args(["-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0,discard=unmap"])
-        .args(["-device", "virtio-blk-pci,drive=disk0"])
-        .args(["-blockdev", &format!("driver=file,filename={d}/seed.iso,node-name=seed0-file,read-only=on")])
-        .args(["-blockdev", "driver=raw,file=seed0-file,node-name=seed0,read-only=on"])
-        .args(["-device", "virtio-blk-pci,drive=seed0"])
-        .args(["-nic", "user,model=virtio-net-pci", "-daemonize", "-pidfile", &path("qemu.pid")])
-        .spawn()?;
+    let mut qemu = Command::new("qemu-system-x86_64").args(argv).spawn()?;
     let launch = watch(dir, t0).await;
     let _ = qemu.wait();
     if let Some(pid) = kumo_agent::qemu_pid(dir) {
