@@ -686,6 +686,8 @@ async fn fuzzer_finds_no_disagreement_with_the_document() {
             "--no-color",
         ])
         .env("SCHEMATHESIS_HOOKS", "")
+        // It keeps a cache of its findings in its working directory.
+        .current_dir(cloud.dir.path())
         .kill_on_drop(true)
         .output()
         .await

@@ -26,7 +26,6 @@ pub const PREFIX: &str = "hosts/";
 /// Shared vCPUs per core a new host may hold (as OpenStack's default
 /// `cpu_allocation_ratio`); `kumo host set` changes it.
 pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
-const MAX_OVERCOMMIT: f64 = 64.0;
 
 pub fn key(name: &str) -> String {
     format!("{PREFIX}{name}")
@@ -468,22 +467,6 @@ impl App {
     /// Change a host's overcommit ratios. VMs already placed stay where
     /// they are; new placements follow the new ratios.
     pub async fn host_update(&self, name: &str, req: UpdateHost) -> Result<Host> {
-        for (field, value) in [
-            ("cpu_overcommit", req.cpu_overcommit),
-            ("memory_overcommit", req.memory_overcommit),
-        ] {
-            if let Some(v) = value {
-                if !(v > 0.0 && v <= MAX_OVERCOMMIT) {
-                    return Err(ApiError::invalid(
-                        field,
-                        format!(
-                            "{v} is out of range: use more than 0 and at most {MAX_OVERCOMMIT}"
-                        ),
-                    )
-                    .into());
-                }
-            }
-        }
         self.host_change(name, |rec| {
             rec.cpu_overcommit = req.cpu_overcommit.unwrap_or(rec.cpu_overcommit);
             rec.memory_overcommit = req.memory_overcommit.unwrap_or(rec.memory_overcommit);

@@ -2,13 +2,12 @@
 
 use super::{now_ms, random_secret, sha256_hex, App, Batch};
 use crate::error::Result;
-use kumo_api::{ApiError, CreateJoinToken, JoinToken, DEFAULT_PROJECT};
+use kumo_api::{CreateJoinToken, JoinToken, DEFAULT_PROJECT};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub const PREFIX: &str = "join-tokens/";
 const DEFAULT_TTL_SECONDS: u64 = 86_400;
-const MAX_TTL_SECONDS: u64 = 30 * 86_400;
 
 /// A join token as stored: the secret itself only as a hash.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -20,13 +19,6 @@ pub struct TokenRecord {
 impl App {
     pub async fn join_token_create(&self, req: CreateJoinToken) -> Result<JoinToken> {
         let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS);
-        if ttl == 0 || ttl > MAX_TTL_SECONDS {
-            return Err(ApiError::invalid(
-                "ttl_seconds",
-                format!("{ttl} is out of range: use 1 to {MAX_TTL_SECONDS}"),
-            )
-            .into());
-        }
         let secret = random_secret();
         let now = now_ms();
         let token = JoinToken {
