@@ -166,6 +166,67 @@ async fn no_method(method: Method, uri: Uri) -> crate::Error {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
+    /// Strings of `schema` (refs followed) that have no `maxLength` and are
+    /// neither an enum nor a UUID (fixed length, parsed), by path.
+    fn unbounded(doc: &Value, schema: &Value, at: &str, out: &mut Vec<String>, depth: usize) {
+        if depth > 8 {
+            return;
+        }
+        if let Some(r) = schema["$ref"].as_str() {
+            let target = doc
+                .pointer(r.trim_start_matches('#'))
+                .expect("ref resolves");
+            return unbounded(doc, target, at, out, depth + 1);
+        }
+        let types = &schema["type"];
+        let is = |t: &str| types == t || types.as_array().is_some_and(|a| a.iter().any(|x| x == t));
+        let bounded = schema.get("maxLength").is_some()
+            || schema.get("enum").is_some()
+            || schema["format"] == "uuid";
+        if is("string") && !bounded {
+            out.push(at.to_string());
+        }
+        for key in ["oneOf", "anyOf", "allOf"] {
+            for s in schema[key].as_array().into_iter().flatten() {
+                unbounded(doc, s, at, out, depth + 1);
+            }
+        }
+        for (name, s) in schema["properties"].as_object().into_iter().flatten() {
+            unbounded(doc, s, &format!("{at}.{name}"), out, depth + 1);
+        }
+        for key in ["items", "additionalProperties", "propertyNames"] {
+            if schema[key].is_object() {
+                unbounded(doc, &schema[key], &format!("{at}.{key}"), out, depth + 1);
+            }
+        }
+    }
+
+    /// Every string a request can carry, in a body or a query, has a
+    /// documented maximum length (which the server enforces, since it
+    /// checks input against this document).
+    #[test]
+    fn every_request_string_has_a_maximum_length() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let at = format!("{method} {path}");
+                let body = &op["requestBody"]["content"]["application/json"]["schema"];
+                unbounded(&doc, body, &format!("{at} body"), &mut out, 0);
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    if p["in"] == "query" {
+                        let name = p["name"].as_str().unwrap();
+                        unbounded(&doc, &p["schema"], &format!("{at} ?{name}"), &mut out, 0);
+                    }
+                }
+            }
+        }
+        assert!(out.is_empty(), "strings without maxLength: {out:#?}");
+    }
+
     /// The committed OpenAPI document matches the code; regenerate with
     /// `KUMO_UPDATE_OPENAPI=1 cargo test -p kumod openapi`.
     #[test]
