@@ -76,7 +76,9 @@ pub struct VmStatus {
     pub state: ObservedState,
     /// Reboot requests carried out (compare `VmSpec::reboots`).
     pub reboots: u64,
+    /// The guest's CPU use, percent of one CPU (0–12,800: 128 vCPUs).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 12800.0)]
     pub cpu_percent: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 4096)]

@@ -259,8 +259,11 @@ pub struct HypervisorInfo {
 #[serde(deny_unknown_fields)]
 pub struct HostLoad {
     /// Busy share of all CPUs since the previous heartbeat, 0–100.
+    #[schema(minimum = 0.0, maximum = 100.0)]
     pub cpu_percent: f32,
     pub memory_used_mib: u64,
+    /// The 1-minute load average (runnable tasks), 0–1,000,000.
+    #[schema(minimum = 0.0, maximum = 1000000.0)]
     pub load1: f32,
 }
 

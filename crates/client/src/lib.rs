@@ -110,6 +110,11 @@ impl Client {
         self.json(self.request(Method::POST, path).json(body)).await
     }
 
+    /// A POST to an action that takes no body (the server refuses one).
+    async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.json(self.request(Method::POST, path)).await
+    }
+
     async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.request(Method::DELETE, path))
             .await
@@ -177,7 +182,7 @@ impl Client {
 
     pub async fn host_enable(&self, name: &str, enabled: bool) -> Result<Host> {
         let verb = if enabled { "enable" } else { "disable" };
-        self.post(&format!("/v1/hosts/{}/{verb}", segment(name)), &())
+        self.post_empty(&format!("/v1/hosts/{}/{verb}", segment(name)))
             .await
     }
 
@@ -284,7 +289,7 @@ impl Client {
 
     /// `start`, `stop` or `reboot`.
     pub async fn vm_action(&self, name: &str, action: &str) -> Result<Vm> {
-        self.post(&format!("/v1/vms/{}/{action}", segment(name)), &())
+        self.post_empty(&format!("/v1/vms/{}/{action}", segment(name)))
             .await
     }
 
@@ -294,7 +299,7 @@ impl Client {
     }
 
     pub async fn vm_migrate_cancel(&self, name: &str) -> Result<Vm> {
-        self.post(&format!("/v1/vms/{}/migrate/cancel", segment(name)), &())
+        self.post_empty(&format!("/v1/vms/{}/migrate/cancel", segment(name)))
             .await
     }
 

@@ -476,6 +476,34 @@ async fn malformed_input_names_its_field_and_changes_nothing() {
             json!({"name": "db"}),
             "image",
         ),
+        // A body where the endpoint takes none: a "dry run" must not drain.
+        (
+            Method::POST,
+            "/v1/hosts/h1/drain",
+            &admin,
+            json!({"dry_run": true}),
+            "body",
+        ),
+        (Method::POST, "/v1/vms/web/stop", &admin, json!({}), "body"),
+        // Numbers the document bounds, and addresses that are no URL.
+        (
+            Method::POST,
+            "/v1/agent/heartbeat",
+            &host,
+            with(
+                &heartbeat,
+                "load",
+                json!({"cpu_percent": 1e300, "memory_used_mib": 1, "load1": 0.1}),
+            ),
+            "load.cpu_percent",
+        ),
+        (
+            Method::POST,
+            "/v1/agent/register",
+            &host,
+            with(&register, "address", json!("not a url")),
+            "address",
+        ),
     ];
     for (method, path, auth, body, field) in cases {
         let (status, _, err) = call(
@@ -539,6 +567,13 @@ async fn malformed_input_names_its_field_and_changes_nothing() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {err}");
         assert_eq!(err["field"], field, "{method} {path}: {err}");
     }
+    let long_name = format!("/v1/vms/{}", "a".repeat(5000));
+    let (status, _, err) = call(&url, Method::GET, &long_name, Some(&admin), None).await;
+    assert_eq!(
+        (status, err["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("name"))
+    );
+    assert!(err["message"].as_str().unwrap().len() < 200, "{err}");
     let resource = format!("/v1/events?resource={}", "r".repeat(200));
     let (status, _, err) = call(&url, Method::GET, &resource, Some(&admin), None).await;
     assert_eq!(
@@ -637,6 +672,29 @@ async fn framework_refusals_are_kumo_errors() {
     assert_eq!(err["field"], "name", "{err}");
     let (s, _, body) = call(&url, Method::GET, "/v1/health", None, None).await;
     assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    // HEAD is GET without the body, under GET's access rule.
+    let (s, _, _) = call(&url, Method::HEAD, "/v1/health", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = call(&url, Method::HEAD, "/v1/vms", Some(&admin), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, headers, _) = call(&url, Method::HEAD, "/v1/vms", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // RFC 6750 §3: a 401 names the scheme.
+    assert_eq!(headers.get("www-authenticate").unwrap(), "Bearer");
+    // Two Authorization headers are one too many, in either order.
+    for (first, second) in [
+        (admin.as_str(), "Bearer bad"),
+        ("Bearer bad", admin.as_str()),
+    ] {
+        let resp = reqwest::Client::new()
+            .get(format!("{url}/v1/vms"))
+            .header("authorization", first)
+            .header("authorization", second)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
 }
 
 /// The pinned fuzzer; `scripts/lib/install-deps` installs it.

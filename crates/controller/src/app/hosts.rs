@@ -273,6 +273,18 @@ impl App {
             .into());
         }
         inv.check_zone("zone", &req.zone)?;
+        let address_ok = reqwest::Url::parse(&req.address)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !address_ok {
+            return Err(ApiError::invalid(
+                "address",
+                format!(
+                    "{:?} is not an http(s) URL, e.g. http://10.0.0.2:7371",
+                    req.address
+                ),
+            )
+            .into());
+        }
         if req.capacity.vcpus == 0 {
             return Err(
                 ApiError::invalid("capacity.vcpus", "a host needs at least one CPU").into(),

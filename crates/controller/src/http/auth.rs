@@ -12,13 +12,15 @@ use super::input::unknown_field_message;
 use super::{ApiDoc, AppState, Principal};
 use crate::error::Result;
 use axum::extract::{MatchedPath, Request};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{self, AUTHORIZATION};
 use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use kumo_api::{ApiError, ErrorCode};
 use std::collections::HashMap;
 use std::sync::LazyLock;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::OpenApi;
@@ -122,11 +124,12 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/v1/agent/desired", Host),
 ];
 
-/// What the guard knows of a route: who may call it and the query
-/// parameters the document lists for it.
+/// What the guard knows of a route: who may call it, the query parameters
+/// the document lists for it, and whether it takes a body.
 struct Rule {
     access: Access,
     query: Vec<String>,
+    takes_body: bool,
 }
 
 static RULES: LazyLock<HashMap<(Method, &'static str), Rule>> = LazyLock::new(|| {
@@ -142,8 +145,14 @@ static RULES: LazyLock<HashMap<(Method, &'static str), Rule>> = LazyLock::new(||
                 .filter(|p| p["in"] == "query")
                 .filter_map(|p| p["name"].as_str().map(String::from))
                 .collect();
+            let takes_body = op.get("requestBody").is_some();
             let method = Method::from_bytes(method.as_bytes()).expect("a valid method");
-            ((method, path), Rule { access, query })
+            let rule = Rule {
+                access,
+                query,
+                takes_body,
+            };
+            ((method, path), rule)
         })
         .collect()
 });
@@ -151,7 +160,16 @@ static RULES: LazyLock<HashMap<(Method, &'static str), Rule>> = LazyLock::new(||
 /// The token of `Authorization: Bearer <token>`, if the header is there;
 /// an error if it is there but not a bearer token.
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        if headers.contains_key(AUTHORIZATION) {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "authorization",
+                "authorization: give one Authorization header, not several",
+            )
+            .into());
+        }
         return Ok(None);
     };
     let malformed = || {
@@ -178,7 +196,12 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
         .map(|m| m.as_str().to_string())
         .unwrap_or_default();
     let forbidden = |msg: &str| ApiError::new(ErrorCode::Forbidden, "authorization", msg);
-    let Some(rule) = RULES.get(&(req.method().clone(), path.as_str())) else {
+    // HEAD is served by the GET handler (RFC 9110 §9.3.2), under its rule.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    let Some(rule) = RULES.get(&(method, path.as_str())) else {
         return Err(forbidden("authorization: this route has no access rule").into());
     };
     let principal = if rule.access == Access::Public {
@@ -221,6 +244,14 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
         }
         .into());
     }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body && !rule.takes_body {
+        return Err(ApiError::invalid("body", "this endpoint takes no body").into());
+    }
     for (key, _) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         if !rule.query.iter().any(|q| *q == key) {
             return Err(ApiError::invalid(&key, unknown_field_message(&key, &rule.query)).into());
@@ -231,7 +262,8 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
 }
 
 /// Writes [`ROUTES`] into the API document: the two bearer schemes, each
-/// operation's `security`, and the error responses every operation can
+/// operation's `security`, the length of path names ([`super::ApiPath`]'s
+/// limit), and the error responses every operation can
 /// give whatever its handler does — 400 (unknown query parameters, bad
 /// input), 401 and 403 where a token is needed, 413 where there is a body,
 /// 414 (URI too long).
@@ -267,6 +299,17 @@ impl utoipa::Modify for Documented {
             ];
             for (method, op) in ops {
                 let Some(op) = op else { continue };
+                for p in op.parameters.iter_mut().flatten() {
+                    if p.parameter_in == ParameterIn::Path {
+                        p.schema = Some(
+                            ObjectBuilder::new()
+                                .schema_type(Type::String)
+                                .min_length(Some(1))
+                                .max_length(Some(super::input::MAX_PATH_NAME))
+                                .into(),
+                        );
+                    }
+                }
                 let access = ROUTES
                     .iter()
                     .find(|(m, p, _)| *m == method && p == path)

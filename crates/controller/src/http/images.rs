@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use kumo_api::{ApiError, Image, ImportImageParams};
+use kumo_api::{ApiError, ErrorCode, Image, ImportImageParams};
 use sha2::Digest;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -58,7 +58,12 @@ pub async fn import(
     Ok((StatusCode::CREATED, Json(image)))
 }
 
-/// Stream the request body to a file, hashing it on the way.
+/// The largest image file an upload may carry: the largest virtual disk an
+/// image may describe, plus room for a qcow2's own metadata.
+const MAX_UPLOAD_BYTES: u64 = kumo_image::MAX_VIRTUAL_SIZE + (1 << 30);
+
+/// Stream the request body to a file, hashing it on the way; a 413 past
+/// [`MAX_UPLOAD_BYTES`].
 async fn receive(body: Body, path: &std::path::Path) -> Result<(u64, String)> {
     let mut file = tokio::fs::File::create(path)
         .await
@@ -71,6 +76,14 @@ async fn receive(body: Body, path: &std::path::Path) -> Result<(u64, String)> {
             chunk.map_err(|e| ApiError::invalid("file", format!("upload interrupted: {e}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
+        if size > MAX_UPLOAD_BYTES {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                "body",
+                format!("body: an image file is at most {MAX_UPLOAD_BYTES} bytes (the largest disk kumo takes)"),
+            )
+            .into());
+        }
         file.write_all(&chunk)
             .await
             .map_err(crate::Error::internal)?;

@@ -385,8 +385,12 @@ fn query_value(query: &str, schema: &Value) -> Result<Value, ApiError> {
     Ok(Value::Object(object))
 }
 
+/// The longest name a path can carry: names are at most 63 characters,
+/// ids 36 (the API document says so of every `{name}`).
+pub const MAX_PATH_NAME: usize = 63;
+
 /// A path parameter; one that does not decode (bad percent-encoding, not
-/// UTF-8) is a 400 naming the parameter.
+/// UTF-8) or is longer than [`MAX_PATH_NAME`] is a 400 naming the parameter.
 pub struct ApiPath(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
@@ -394,6 +398,16 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
         match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) if v.chars().count() > MAX_PATH_NAME => {
+                Err(ApiError::invalid(
+                    "name",
+                    format!(
+                        "is {} characters long; at most {MAX_PATH_NAME} allowed",
+                        v.chars().count()
+                    ),
+                )
+                .into())
+            }
             Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
             Err(e) => Err(ApiError::invalid("name", e.body_text()).into()),
         }
