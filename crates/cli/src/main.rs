@@ -354,7 +354,7 @@ async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", chain.join(": "));
+        eprintln!("error: {}", output::printable(&chain.join(": ")));
         std::process::exit(1);
     }
 }
@@ -620,7 +620,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                     Format::Json => output::json(&vm),
                     Format::Table => {
                         if let Some(r) = &vm.last_migration {
-                            println!("{}", output::migration_result(r));
+                            println!("{}", output::printable(&output::migration_result(r)));
                         }
                     }
                 }

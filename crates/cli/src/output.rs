@@ -15,8 +15,27 @@ pub fn json<T: Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
 }
 
+/// A cell as it may reach a terminal: control characters (escape
+/// sequences a host or a user could plant in a message or a description:
+/// cursor moves, screen clears, a new title) are shown escaped, `\u{1b}`.
+pub fn printable(cell: &str) -> String {
+    cell.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_unicode().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Print rows under headers, columns aligned.
 pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.iter().map(|c| printable(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -438,5 +457,17 @@ impl Format {
                 })
                 .collect(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cells_cannot_drive_the_terminal() {
+        assert_eq!(
+            super::printable("ok\u{1b}]0;owned\u{7}"),
+            "ok\\u{1b}]0;owned\\u{7}"
+        );
+        assert_eq!(super::printable("plain text é"), "plain text é");
     }
 }

@@ -26,9 +26,15 @@ async fn inspect(upload: &Path) -> Result<kumo_image::Inspected> {
     kumo_image::inspect(upload, None)
         .await
         .map_err(|e| match e {
-            kumo_image::Error::Refused(refusal) => {
-                ApiError::invalid("file", refusal.to_string()).into()
-            }
+            // qemu-img's words name the upload's path on the controller:
+            // the uploader knows it as "the upload".
+            kumo_image::Error::Refused(refusal) => ApiError::invalid(
+                "file",
+                refusal
+                    .to_string()
+                    .replace(&upload.display().to_string(), "the upload"),
+            )
+            .into(),
             other => crate::Error::Inspect(other),
         })
 }
