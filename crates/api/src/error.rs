@@ -29,6 +29,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The request's URI is longer than the server accepts (HTTP 414).
     UriTooLong,
+    /// The body is encoded in a way the server does not decode, e.g.
+    /// `Content-Encoding: gzip` (HTTP 415).
+    UnsupportedMediaType,
     /// The host holding the resource cannot be reached (HTTP 502).
     HostUnavailable,
     /// A bug or an unexpected failure (HTTP 500).
@@ -105,6 +108,7 @@ impl ApiError {
             ErrorCode::AlreadyExists | ErrorCode::Conflict | ErrorCode::NoValidHost => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
+            ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::HostUnavailable => 502,
             ErrorCode::Internal => 500,
         }

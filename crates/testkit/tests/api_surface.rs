@@ -672,6 +672,18 @@ async fn framework_refusals_are_kumo_errors() {
     assert_eq!(err["field"], "name", "{err}");
     let (s, _, body) = call(&url, Method::GET, "/v1/health", None, None).await;
     assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    // A body must come as sent: one with a Content-Encoding is refused.
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/zones"))
+        .header("authorization", &admin)
+        .header("content-encoding", "br")
+        .body(r#"{"name":"z9"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["field"], "content-encoding", "{err}");
     // HEAD is GET without the body, under GET's access rule.
     let (s, _, _) = call(&url, Method::HEAD, "/v1/health", None, None).await;
     assert_eq!(s, StatusCode::OK);

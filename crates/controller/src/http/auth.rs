@@ -252,6 +252,18 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
     if has_body && !rule.takes_body {
         return Err(ApiError::invalid("body", "this endpoint takes no body").into());
     }
+    let encoded = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if has_body && encoded {
+        return Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "content-encoding",
+            "content-encoding: bodies are read as sent; send them without a Content-Encoding",
+        )
+        .into());
+    }
     for (key, _) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         if !rule.query.iter().any(|q| *q == key) {
             return Err(ApiError::invalid(&key, unknown_field_message(&key, &rule.query)).into());
@@ -265,7 +277,8 @@ pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Resp
 /// operation's `security`, the length of path names ([`super::ApiPath`]'s
 /// limit), and the error responses every operation can
 /// give whatever its handler does — 400 (unknown query parameters, bad
-/// input), 401 and 403 where a token is needed, 413 where there is a body,
+/// input), 401 and 403 where a token is needed, 413 and 415 where there
+/// is a body,
 /// 414 (URI too long).
 pub struct Documented;
 
@@ -329,6 +342,7 @@ impl utoipa::Modify for Documented {
                 }
                 if op.request_body.is_some() {
                     add("413", "The body is larger than the endpoint accepts");
+                    add("415", "The body has a Content-Encoding");
                 }
                 add("414", "The URI is too long");
             }
