@@ -146,7 +146,8 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
     let address = match (&config.advertise, addr) {
         (Some(a), _) => a.clone(),
         (None, Some(addr)) => format!("http://{addr}"),
-        (None, None) => "none".to_string(),
+        // No endpoint (simulated hosts): nothing to reach.
+        (None, None) => String::new(),
     };
     let (controller, agent_secret) =
         controller::Controller::connect(&config, &address, capacity, driver.info()).await?;

@@ -26,8 +26,9 @@ pub struct RegisterHost {
     pub name: String,
     #[schema(min_length = 1, max_length = 63)]
     pub zone: String,
-    /// Base URL of the agent's own HTTP endpoint.
-    #[schema(min_length = 1, max_length = 255)]
+    /// Base URL of the agent's own HTTP endpoint (`http://` or
+    /// `https://`); empty for an agent that serves none (simulated hosts).
+    #[schema(max_length = 255)]
     pub address: String,
     /// Secret the controller presents when it calls the agent.
     #[schema(min_length = 1, max_length = 128)]

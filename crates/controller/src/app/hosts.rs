@@ -273,8 +273,9 @@ impl App {
             .into());
         }
         inv.check_zone("zone", &req.zone)?;
-        let address_ok = reqwest::Url::parse(&req.address)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        let address_ok = req.address.is_empty()
+            || reqwest::Url::parse(&req.address)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         if !address_ok {
             return Err(ApiError::invalid(
                 "address",
