@@ -188,7 +188,9 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>> {
 
 /// Runs after routing, on every route: find the route's rule, find out who
 /// calls, refuse who may not (401 without or with a wrong token, 403 with
-/// a valid token of the wrong kind), refuse unknown query parameters.
+/// a valid token of the wrong kind), then refuse what the operation does
+/// not take: a body (400), an encoded body (415), an unknown query
+/// parameter (400).
 pub async fn guard(state: AppState, mut req: Request, next: Next) -> Result<Response> {
     let path = req
         .extensions()
