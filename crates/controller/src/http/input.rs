@@ -48,6 +48,10 @@ impl Schemas {
     /// document's components beside it) the first time.
     fn checker(&self, key: &str, schema: impl FnOnce() -> Value) -> Arc<Checker> {
         let mut cache = self.checkers.lock().expect("checker cache");
+        // The common case, on every request: no key to allocate.
+        if let Some(checker) = cache.get(key) {
+            return checker.clone();
+        }
         cache
             .entry(key.to_string())
             .or_insert_with(|| {

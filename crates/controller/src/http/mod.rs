@@ -129,7 +129,11 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn limit_uri(req: Request, next: Next) -> Response {
-    let len = req.uri().to_string().len();
+    // Measured without rendering the URI: its parts' lengths.
+    let uri = req.uri();
+    let len = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
     if len > MAX_URI_BYTES {
         return crate::Error::from(ApiError::new(
             ErrorCode::UriTooLong,
