@@ -5,13 +5,13 @@ mod console;
 mod output;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kumo_api::{
     CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, DrainPlan, EventQuery, Host,
     HostState, MigrateVm, MigrationOutcome, UpdateHost, Vm, VmState,
 };
 use kumo_client::Client;
-use output::{age, Format};
+use output::{age, outln, Format};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,6 +55,12 @@ enum Command {
     Group(GroupCmd),
     /// Automatic rebalancing: its settings and what its last pass did.
     Rebalance,
+    /// Print a shell completion script, e.g. `kumo completions bash >
+    /// /etc/bash_completion.d/kumo`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// How many more VMs of a shape fit now, and what runs out first.
     Capacity {
         #[arg(long)]
@@ -325,6 +331,9 @@ enum VmCmd {
 #[derive(Subcommand)]
 enum GroupCmd {
     List,
+    Show {
+        name: String,
+    },
     Create {
         name: String,
         #[arg(long, value_parser = ["affinity", "anti_affinity"])]
@@ -391,21 +400,30 @@ async fn run(cli: Cli) -> Result<()> {
         let client = Client::new(url, token.trim());
         client.zones().await.context("checking the URL and token")?;
         let path = config::save(url, token.trim())?;
-        println!(
+        outln!(
             "logged in to {url}; credentials saved in {}",
             path.display()
         );
         return Ok(());
     }
+    if let Command::Completions { shell } = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "kumo", &mut script);
+        output::write_stdout(&script);
+        return Ok(());
+    }
     let client = config::client()?;
     match cli.command {
-        Command::Login { .. } => unreachable!("handled above"),
+        Command::Login { .. } | Command::Completions { .. } => unreachable!("handled above"),
         Command::Zone(cmd) => match cmd {
             ZoneCmd::List => out.zones(&client.zones().await?),
-            ZoneCmd::Show { name } => out.zones(&[client.zone(&name).await?]),
-            ZoneCmd::Create { name, description } => out.zones(&[client
-                .zone_create(&CreateZone { name, description })
-                .await?]),
+            ZoneCmd::Show { name } => out.one(&client.zone(&name).await?, Format::zones),
+            ZoneCmd::Create { name, description } => out.one(
+                &client
+                    .zone_create(&CreateZone { name, description })
+                    .await?,
+                Format::zones,
+            ),
             ZoneCmd::Delete { name } => {
                 client.zone_delete(&name).await?;
                 out.done(&format!("zone {name} deleted"));
@@ -419,9 +437,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Rebalance => out.rebalance(&client.rebalance_status().await?),
         Command::Host(cmd) => match cmd {
             HostCmd::List => out.hosts(&client.hosts().await?),
-            HostCmd::Show { name } => out.hosts(&[client.host(&name).await?]),
-            HostCmd::Disable { name } => out.hosts(&[client.host_enable(&name, false).await?]),
-            HostCmd::Enable { name } => out.hosts(&[client.host_enable(&name, true).await?]),
+            HostCmd::Show { name } => out.one(&client.host(&name).await?, Format::hosts),
+            HostCmd::Disable { name } => {
+                out.one(&client.host_enable(&name, false).await?, Format::hosts)
+            }
+            HostCmd::Enable { name } => {
+                out.one(&client.host_enable(&name, true).await?, Format::hosts)
+            }
             HostCmd::Set {
                 name,
                 cpu_overcommit,
@@ -431,7 +453,7 @@ async fn run(cli: Cli) -> Result<()> {
                     cpu_overcommit,
                     memory_overcommit,
                 };
-                out.hosts(&[client.host_update(&name, &req).await?])
+                out.one(&client.host_update(&name, &req).await?, Format::hosts)
             }
             HostCmd::Delete { name } => {
                 client.host_delete(&name).await?;
@@ -447,7 +469,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await?;
                 match out {
                     Format::Json => output::json(&t),
-                    Format::Table => println!("{}", t.token.unwrap_or_default()),
+                    Format::Table => outln!("{}", t.token.unwrap_or_default()),
                 }
             }
             HostCmd::Token(TokenCmd::List) => {
@@ -472,12 +494,12 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Image(cmd) => match cmd {
             ImageCmd::List => out.images(&client.images().await?),
-            ImageCmd::Show { name } => out.images(&[client.image(&name).await?]),
+            ImageCmd::Show { name } => out.one(&client.image(&name).await?, Format::images),
             ImageCmd::Import { name, file } => {
                 let spinner = output::spinner(&format!("uploading {}", file.display()));
                 let image = client.image_import(&name, &file).await;
                 spinner.finish_and_clear();
-                out.images(&[image?]);
+                out.one(&image?, Format::images);
             }
             ImageCmd::Delete { name } => {
                 client.image_delete(&name).await?;
@@ -487,13 +509,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Vm(cmd) => vm(&client, out, cmd).await?,
         Command::Group(cmd) => match cmd {
             GroupCmd::List => out.groups(&client.groups().await?),
+            GroupCmd::Show { name } => out.one(&client.group(&name).await?, Format::groups),
             GroupCmd::Create { name, policy, soft } => {
                 let req = CreateGroup {
                     name,
                     policy: api_enum(policy)?,
                     hard: Some(!soft),
                 };
-                out.groups(&[client.group_create(&req).await?])
+                out.one(&client.group_create(&req).await?, Format::groups)
             }
             GroupCmd::Delete { name } => {
                 client.group_delete(&name).await?;
@@ -519,7 +542,7 @@ async fn run(cli: Cli) -> Result<()> {
             let report = client.capacity(&q).await?;
             match out {
                 Format::Json => output::json(&report),
-                Format::Table => println!(
+                Format::Table => outln!(
                     "{} more VM(s) of {vcpus} vCPUs, {memory} MiB, {disk} GiB fit on {} host(s); runs out first: {}",
                     report.fits,
                     report.hosts,
@@ -620,7 +643,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                     Format::Json => output::json(&vm),
                     Format::Table => {
                         if let Some(r) = &vm.last_migration {
-                            println!("{}", output::printable(&output::migration_result(r)));
+                            outln!("{}", output::printable(&output::migration_result(r)));
                         }
                     }
                 }
@@ -641,7 +664,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Console { name, log } => {
             if log {
-                print!("{}", client.console_log(&name).await?.text);
+                output::write_stdout(client.console_log(&name).await?.text.as_bytes());
             } else {
                 console::attach(client, &name).await?;
             }
@@ -652,7 +675,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
         Some(target) => wait_state(client, &vm.name, target).await?,
         None => vm,
     };
-    out.vms(&[vm]);
+    out.one(&vm, Format::vms);
     Ok(())
 }
 
@@ -806,7 +829,7 @@ async fn drain(client: &Client, out: Format, scope: Scope, args: DrainArgs) -> R
             .iter()
             .map(|h| format!("{} {}", h.name, h.state))
             .collect();
-        println!("{scope} drained: {}", states.join(", "));
+        outln!("{scope} drained: {}", states.join(", "));
     }
     Ok(())
 }
@@ -822,7 +845,7 @@ async fn undrain(client: &Client, out: Format, scope: Scope, args: UndrainArgs) 
     let names: Vec<String> = hosts.into_iter().map(|h| h.name).collect();
     wait_moves(client, &scope, &names, Goal::Returned).await?;
     if let Format::Table = out {
-        println!("{scope}: every VM its drain moved away is back");
+        outln!("{scope}: every VM its drain moved away is back");
     }
     Ok(())
 }

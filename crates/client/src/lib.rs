@@ -164,6 +164,10 @@ impl Client {
         self.get("/v1/groups").await
     }
 
+    pub async fn group(&self, name: &str) -> Result<Group> {
+        self.get(&format!("/v1/groups/{}", segment(name))).await
+    }
+
     pub async fn group_create(&self, req: &CreateGroup) -> Result<Group> {
         self.post("/v1/groups", req).await
     }
