@@ -30,6 +30,7 @@ struct Cli {
 enum Command {
     /// Save the controller URL and token for later commands.
     Login {
+        /// The controller's URL, e.g. http://127.0.0.1:7370.
         url: String,
         /// File holding the token (the controller's `admin-token`).
         #[arg(long)]
@@ -63,6 +64,7 @@ enum Command {
     },
     /// How many more VMs of a shape fit now, and what runs out first.
     Capacity {
+        /// Virtual CPUs of one VM.
         #[arg(long)]
         vcpus: u32,
         /// Memory in MiB.
@@ -71,8 +73,10 @@ enum Command {
         /// Disk in GiB.
         #[arg(long, default_value_t = 1)]
         disk: u64,
+        /// Only hosts in this zone (default: all).
         #[arg(long)]
         zone: Option<String>,
+        /// `dedicated`: whole host cores of its own, pinned.
         #[arg(long, value_parser = ["shared", "dedicated"])]
         cpu_policy: Option<String>,
         /// Only hosts where this holds.
@@ -83,27 +87,37 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ZoneCmd {
+    /// List every zone.
     List,
+    /// Show one zone.
     Show {
+        /// The zone's name.
         name: String,
     },
+    /// Create a zone.
     Create {
+        /// The zone's name.
         name: String,
+        /// What the zone is, e.g. "campus B, rack 3".
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Delete a zone without hosts.
     Delete {
+        /// The zone's name.
         name: String,
     },
     /// Move the VMs of every host in the zone away live (a planned
     /// outage); the hosts go to maintenance once empty.
     Drain {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: DrainArgs,
     },
     /// Take the zone's drained hosts back into placement.
     Undrain {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: UndrainArgs,
@@ -111,6 +125,7 @@ enum ZoneCmd {
     /// Power saving: empty lightly loaded hosts and switch them off, switch
     /// them on when demand rises. Without --on or --off: show its status.
     PowerSaving {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: PowerSavingArgs,
@@ -167,18 +182,24 @@ struct UndrainArgs {
 enum HostCmd {
     /// Capacity, allocation, load and state of every host.
     List,
+    /// Show one host.
     Show {
+        /// The host's name.
         name: String,
     },
     /// Take a host out of placement (its VMs keep running).
     Disable {
+        /// The host's name.
         name: String,
     },
+    /// Take a disabled host back into placement.
     Enable {
+        /// The host's name.
         name: String,
     },
     /// Change a host's overcommit ratios.
     Set {
+        /// The host's name.
         name: String,
         /// Shared vCPUs per core.
         #[arg(long)]
@@ -189,17 +210,20 @@ enum HostCmd {
     },
     /// Remove a host without VMs from the pool.
     Delete {
+        /// The host's name.
         name: String,
     },
     /// Move the host's VMs away live for maintenance; the host goes to
     /// maintenance once empty.
     Drain {
+        /// The host's name.
         name: String,
         #[command(flatten)]
         args: DrainArgs,
     },
     /// Take a drained host back into placement.
     Undrain {
+        /// The host's name.
         name: String,
         #[command(flatten)]
         args: UndrainArgs,
@@ -217,36 +241,51 @@ enum TokenCmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// Join tokens not used or expired yet.
     List,
 }
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// List every image.
     List,
+    /// Show one image.
     Show {
+        /// The image's name.
         name: String,
     },
     /// Import a qcow2 or raw disk image file.
     Import {
+        /// The name VMs will use for the image.
         name: String,
+        /// The image file to upload.
         #[arg(long)]
         file: PathBuf,
     },
+    /// Delete an image no VM uses.
     Delete {
+        /// The image's name.
         name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum VmCmd {
+    /// List every VM.
     List,
+    /// Show one VM.
     Show {
+        /// The VM's name.
         name: String,
     },
+    /// Create a VM on the host the scheduler chooses, and start it.
     Create {
+        /// The VM's name.
         name: String,
+        /// The image its root disk is made from.
         #[arg(long)]
         image: String,
+        /// Virtual CPUs.
         #[arg(long)]
         vcpus: u32,
         /// Memory in MiB.
@@ -255,6 +294,7 @@ enum VmCmd {
         /// Root disk in GiB (default: the image's size).
         #[arg(long)]
         disk: Option<u64>,
+        /// Only hosts in this zone (default: any).
         #[arg(long)]
         zone: Option<String>,
         /// `dedicated`: whole host cores of its own, pinned.
@@ -283,28 +323,42 @@ enum VmCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Start a stopped VM.
     Start {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is running.
         #[arg(long)]
         wait: bool,
     },
+    /// Stop a VM: ACPI power button, then a hard stop if the guest does
+    /// not power off in time.
     Stop {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is stopped.
         #[arg(long)]
         wait: bool,
     },
+    /// Reset a running VM.
     Reboot {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is running again.
         #[arg(long)]
         wait: bool,
     },
+    /// Delete a VM and its disk.
     Delete {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is gone.
         #[arg(long)]
         wait: bool,
     },
     /// Move a VM to another host: live if it runs, cold if it is stopped.
     Migrate {
+        /// The VM's name.
         name: String,
         /// Target host (default: the scheduler chooses).
         #[arg(long)]
@@ -321,6 +375,7 @@ enum VmCmd {
     },
     /// Attach to the serial console (leave with Ctrl-]), or print its log.
     Console {
+        /// The VM's name.
         name: String,
         /// Print what the guest has written so far and exit.
         #[arg(long)]
@@ -330,29 +385,39 @@ enum VmCmd {
 
 #[derive(Subcommand)]
 enum GroupCmd {
+    /// List every group.
     List,
+    /// Show one group.
     Show {
+        /// The group's name.
         name: String,
     },
+    /// Create a group; VMs join it with `vm create --group`.
     Create {
+        /// The group's name.
         name: String,
+        /// `affinity`: its VMs on one host; `anti_affinity`: each on another.
         #[arg(long, value_parser = ["affinity", "anti_affinity"])]
         policy: String,
         /// Only prefer hosts that keep the rule, never refuse.
         #[arg(long)]
         soft: bool,
     },
+    /// Delete a group without VMs.
     Delete {
+        /// The group's name.
         name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum EventCmd {
+    /// The newest events, oldest first.
     List {
         /// Only events about this resource, e.g. vm/web.
         #[arg(long)]
         resource: Option<String>,
+        /// At most this many events.
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
@@ -981,6 +1046,30 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("kumo").chain(args.iter().copied()))
+    }
+
+    /// Every subcommand and every argument (flags and positionals) of
+    /// `kumo`, at any depth, has a help line.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                out.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.get_help().is_none() && !builtin {
+                    out.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                missing(sub, &path, out);
+            }
+        }
+        let mut out = Vec::new();
+        missing(&Cli::command(), "", &mut out);
+        assert!(out.is_empty(), "no help line for:\n{}", out.join("\n"));
     }
 
     #[test]

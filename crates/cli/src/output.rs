@@ -5,9 +5,12 @@ use kumo_api::{DrainPlan, Event, Group, Host, Image, Millis, Vm, Zone};
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
 
+/// How results are printed (`-o`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
+    /// Aligned columns for people.
     Table,
+    /// JSON: one object for one resource, an array for a list.
     Json,
 }
 
