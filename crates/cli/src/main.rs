@@ -3,6 +3,7 @@
 mod config;
 mod console;
 mod output;
+mod size;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -67,11 +68,11 @@ enum Command {
         /// Virtual CPUs of one VM.
         #[arg(long)]
         vcpus: u32,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory of one VM, e.g. 512M or 2G; a plain number is in MiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::mib)]
         memory: u64,
-        /// Disk in GiB.
-        #[arg(long, default_value_t = 1)]
+        /// Disk of one VM, e.g. 20G; a plain number is in GiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::gib, default_value = "1")]
         disk: u64,
         /// Only hosts in this zone (default: all).
         #[arg(long)]
@@ -288,11 +289,12 @@ enum VmCmd {
         /// Virtual CPUs.
         #[arg(long)]
         vcpus: u32,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory, e.g. 512M or 2G; a plain number is in MiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::mib)]
         memory: u64,
-        /// Root disk in GiB (default: the image's size).
-        #[arg(long)]
+        /// Root disk, e.g. 20G; a plain number is in GiB (default: the
+        /// image's size).
+        #[arg(long, value_name = "SIZE", value_parser = size::gib)]
         disk: Option<u64>,
         /// Only hosts in this zone (default: any).
         #[arg(long)]
@@ -1070,6 +1072,42 @@ mod tests {
         let mut out = Vec::new();
         missing(&Cli::command(), "", &mut out);
         assert!(out.is_empty(), "no help line for:\n{}", out.join("\n"));
+    }
+
+    #[test]
+    fn size_flags_take_units_and_name_the_flag_when_refused() {
+        let cli = parse(&[
+            "vm", "create", "web", "--image", "i", "--vcpus", "1", "--memory", "2G", "--disk",
+            "20G",
+        ])
+        .unwrap();
+        let Command::Vm(VmCmd::Create { memory, disk, .. }) = cli.command else {
+            panic!("vm create");
+        };
+        assert_eq!((memory, disk), (2048, Some(20)));
+        let cli = parse(&["capacity", "--vcpus", "1", "--memory", "512"]).unwrap();
+        let Command::Capacity { memory, disk, .. } = cli.command else {
+            panic!("capacity");
+        };
+        assert_eq!((memory, disk), (512, 1));
+        let err = parse(&[
+            "vm", "create", "web", "--image", "i", "--vcpus", "1", "--memory", "2X",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("'2X' for '--memory <SIZE>'"), "{err}");
+        assert!(err.contains("K, M, G or T"), "{err}");
+        let err = parse(&[
+            "capacity", "--vcpus", "1", "--memory", "1G", "--disk", "1.5G",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("'--disk <SIZE>'") && err.contains("not a whole number of GiB"),
+            "{err}"
+        );
     }
 
     #[test]
