@@ -430,7 +430,17 @@ async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", output::printable(&chain.join(": ")));
+        let hint = if e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<kumo_client::Error>(),
+                Some(kumo_client::Error::NotKumo { .. })
+            )
+        }) {
+            " (is kumod running there? `kumo login URL --token-file FILE` or KUMO_URL changes the URL)"
+        } else {
+            ""
+        };
+        eprintln!("error: {}{hint}", output::printable(&chain.join(": ")));
         std::process::exit(1);
     }
 }

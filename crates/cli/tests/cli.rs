@@ -75,3 +75,25 @@ fn a_closed_pipe_ends_kumo_quietly() {
     assert_eq!(stderr(&out), "");
     assert!(out.status.success(), "{:?}", out.status);
 }
+
+#[test]
+fn a_url_where_no_kumo_answers_is_named_with_a_hint() {
+    let url = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let out = kumo()
+        .args(["host", "list"])
+        .env("KUMO_URL", &url)
+        .env("KUMO_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "error: no kumo controller answers at {url}: connection refused (is kumod running \
+             there? `kumo login URL --token-file FILE` or KUMO_URL changes the URL)\n"
+        )
+    );
+}
