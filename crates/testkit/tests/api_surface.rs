@@ -3,22 +3,13 @@
 //! with the field named, nothing changed), the refusals the HTTP framework
 //! produces, and a property-based fuzzer run against the API document.
 
-use kumo_testkit::{blank_image, vm_request, wait_vm, SimCloud};
+use kumo_testkit::{wait_vm, SimCloud};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn cloud() -> SimCloud {
-    let mut cloud = SimCloud::start(Duration::from_secs(5)).await.unwrap();
-    cloud.zone("z1").await.unwrap();
-    cloud.host("h1", "z1").await.unwrap();
-    let img = blank_image(cloud.dir.path());
-    cloud.client.image_import("tiny", &img).await.unwrap();
-    cloud
-        .client
-        .vm_create(&vm_request("web", "tiny"))
-        .await
-        .unwrap();
+    let cloud = SimCloud::with_vm().await.unwrap();
     wait_vm(
         &cloud.client,
         "web",
