@@ -803,10 +803,12 @@ pub struct Event {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
-    /// Only events with a sequence number greater than this.
+    /// A cursor: only events with a sequence number greater than this, the
+    /// oldest first (pass the previous answer's `next`). Without it, the
+    /// newest events.
     #[serde(default)]
     pub after: Option<u64>,
-    /// At most this many, the newest (default 100, at most 10000).
+    /// At most this many (default 100, at most 10000).
     #[serde(default)]
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
@@ -814,6 +816,22 @@ pub struct EventQuery {
     #[serde(default)]
     #[param(max_length = 128)]
     pub resource: Option<String>,
+    /// With `after`: when no matching event is past the cursor yet, wait up
+    /// to this many seconds for one (a long poll; at most 10, short enough
+    /// for common HTTP read timeouts, so a follower simply asks again).
+    #[serde(default)]
+    #[param(minimum = 0, maximum = 10)]
+    pub wait_seconds: Option<u64>,
+}
+
+/// A page of the event log, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<Event>,
+    /// The cursor to pass as `after` for the events that follow: the last
+    /// event this answer looked at (returned or filtered out), or the
+    /// request's `after` when it looked at none.
+    pub next: u64,
 }
 
 /// A secret that lets a new host join the pool.

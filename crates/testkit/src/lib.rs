@@ -87,6 +87,7 @@ pub async fn event_kinds(client: &Client, resource: Option<&str>) -> Result<Vec<
     Ok(client
         .events(&q)
         .await?
+        .items
         .into_iter()
         .map(|e| e.kind)
         .collect())

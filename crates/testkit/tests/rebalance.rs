@@ -61,10 +61,11 @@ async fn events_after(c: &Client, after: u64) -> Vec<Event> {
     c.events(&EventQuery {
         after: Some(after),
         limit: Some(10_000),
-        resource: None,
+        ..Default::default()
     })
     .await
     .unwrap()
+    .items
 }
 
 async fn last_seq(c: &Client) -> u64 {
@@ -74,8 +75,7 @@ async fn last_seq(c: &Client) -> u64 {
     })
     .await
     .unwrap()
-    .last()
-    .map_or(0, |e| e.seq)
+    .next
 }
 
 async fn create_running(c: &Client, reqs: Vec<CreateVm>) {

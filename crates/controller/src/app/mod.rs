@@ -242,6 +242,9 @@ pub struct App {
     data_dir: PathBuf,
     admin_token: String,
     pub down_after: Duration,
+    /// The sequence number of the newest committed event, for readers
+    /// following the event log.
+    event_committed: watch::Sender<u64>,
     /// Per host: the latest desired-state generation, for agents waiting on it.
     generations: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
     /// Calls to agents (console).
@@ -291,8 +294,10 @@ impl App {
             .values()
             .map(|h| (h.rec.id, watch::channel(h.rec.generation).0))
             .collect();
+        let event_committed = watch::channel(inv.last_event).0;
         Ok(Arc::new(App {
             store,
+            event_committed,
             inv: RwLock::new(inv),
             data_dir: config.data_dir.clone(),
             admin_token,
@@ -361,6 +366,9 @@ impl App {
                 inv.recent_events.pop_front();
             }
             inv.recent_events.push_back(e.clone());
+        }
+        if !events.is_empty() {
+            self.event_committed.send_replace(seq);
         }
         Ok(events)
     }
@@ -440,11 +448,7 @@ async fn load_inventory(store: &dyn Store) -> anyhow::Result<Inventory> {
         let t: TokenRecord = decode(&kv)?;
         inv.join_tokens.insert(t.token.id, t);
     }
-    let events = store.range(events::PREFIX).await?;
-    for kv in &events[events.len().saturating_sub(RECENT_EVENTS)..] {
-        inv.recent_events.push_back(decode(kv)?);
-    }
-    inv.last_event = inv.recent_events.back().map_or(0, |e| e.seq);
+    inv.load_recent_events(store).await?;
     Ok(inv)
 }
 
