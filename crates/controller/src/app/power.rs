@@ -44,14 +44,13 @@ use super::records::{host_key, zone_key, HostMode, HostRecord};
 use super::{lookup, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    ApiError, HostState, MigrateVm, PowerSaving, PowerSavingStatus, PowerState, VmState, Zone,
+    ApiError, HostState, MigrateVm, MigrationReason, PowerSaving, PowerSavingStatus, PowerState,
+    VmState, Zone,
 };
 use kumo_sched::{Candidate, ConsolidationConfig};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// What the migrations power saving starts give as their reason, first.
-pub const REASON_PREFIX: &str = "power saving: ";
 /// A host switched on counts as coming capacity this long at most.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// A command that failed is tried again after this long.
@@ -736,7 +735,9 @@ impl App {
                 to: Some(m.to.clone()),
                 downtime_limit_ms: None,
             };
-            let reason = format!("{REASON_PREFIX}{}", m.reason);
+            let reason = MigrationReason::PowerSaving {
+                detail: m.reason.clone(),
+            };
             if let Err(e) = self.start_migration(&mut inv, &m.vm, req, reason).await {
                 // check_emptying gives the host back at the next pass.
                 tracing::info!(vm = %m.vm, error = %e, "power saving: move not started");
