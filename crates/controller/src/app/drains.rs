@@ -349,7 +349,9 @@ impl App {
             };
             match self.start_migration(&mut inv, &vm, req, reason).await {
                 Ok(_) => budget -= 1,
-                Err(e) => tracing::info!(vm = %vm, error = %e, "cannot move VM yet"),
+                Err(e) => {
+                    tracing::info!(vm = %vm, error = %crate::error::Chain(&e), "cannot move VM yet")
+                }
             }
         }
         for name in finished {

@@ -105,7 +105,9 @@ pub(super) fn reconcile_reported(
     for id in std::mem::take(&mut out.bump) {
         match bump_generation(inv, id, batch) {
             Ok(rec) => out.hosts.push(rec),
-            Err(e) => tracing::error!(error = %e, "bumping a host's generation"),
+            Err(e) => {
+                tracing::error!(error = %crate::error::Chain(&e), "bumping a host's generation")
+            }
         }
     }
     out

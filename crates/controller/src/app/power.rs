@@ -687,7 +687,7 @@ impl App {
                         cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
                     }),
                     Err(e) => {
-                        tracing::warn!(vm = %vm.name, error = %e, "power saving: VM left out")
+                        tracing::warn!(vm = %vm.name, error = %crate::error::Chain(&e), "power saving: VM left out")
                     }
                 }
             }
@@ -740,7 +740,7 @@ impl App {
             };
             if let Err(e) = self.start_migration(&mut inv, &m.vm, req, reason).await {
                 // check_emptying gives the host back at the next pass.
-                tracing::info!(vm = %m.vm, error = %e, "power saving: move not started");
+                tracing::info!(vm = %m.vm, error = %crate::error::Chain(&e), "power saving: move not started");
                 break;
             }
         }

@@ -118,7 +118,9 @@ impl App {
                         request,
                         cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
                     }),
-                    Err(e) => tracing::warn!(vm = %vm.name, error = %e, "rebalance: VM left out"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %crate::error::Chain(&e), "rebalance: VM left out")
+                    }
                 }
             }
         }
@@ -189,7 +191,7 @@ impl App {
                     None
                 }
                 Err(e) => {
-                    tracing::info!(vm = %m.vm, error = %e, "rebalance: move not started");
+                    tracing::info!(vm = %m.vm, error = %crate::error::Chain(&e), "rebalance: move not started");
                     Some(e.to_string())
                 }
             };
