@@ -2,27 +2,22 @@
 //! same transaction as the change it describes.
 //!
 //! Every event has a sequence number, one more than the previous event's.
-//! The newest [`RECENT_EVENTS`] are kept in memory as well
+//! The newest [`RECENT_EVENTS`](super::RECENT_EVENTS) are kept in memory as well
 //! (`Inventory::recent_events`); older ones are read from the store when a
 //! reader's cursor is behind that window. A reader that passes each answer's
 //! `next` back as `after` sees every event once, in order, however fast
 //! events are written: a page is the *oldest* events after the cursor.
 
-use super::{App, Inventory, RECENT_EVENTS};
+use super::records::{event_key, EVENTS};
+use super::{App, Inventory};
 use crate::error::Result;
 use kumo_api::{ApiError, Event, EventPage, EventQuery};
-use kumo_store::{Order, Store};
+use kumo_store::Order;
 use std::time::Duration;
 use tokio::time::Instant;
 
-pub const PREFIX: &str = "events/";
-
 /// How many events an answer holds when the query gives no `limit`.
 pub const DEFAULT_LIMIT: usize = 100;
-
-pub fn key(seq: u64) -> String {
-    format!("{PREFIX}{seq:020}")
-}
 
 impl App {
     /// Events matching the query, oldest first, and the cursor that
@@ -108,7 +103,7 @@ impl App {
         // changes, so the store is read without holding the inventory.
         let kvs = self
             .store
-            .range_page(PREFIX, Some(&key(after)), limit, Order::Ascending)
+            .range_page(EVENTS, Some(&event_key(after)), limit, Order::Ascending)
             .await?;
         let events = kvs
             .iter()
@@ -157,25 +152,12 @@ impl Inventory {
             next: self.last_event,
         }
     }
-
-    /// Load the newest [`RECENT_EVENTS`] from the store (one bounded read:
-    /// a start does not read the whole log).
-    pub(super) async fn load_recent_events(&mut self, store: &dyn Store) -> Result<()> {
-        let newest = store
-            .range_page(PREFIX, None, RECENT_EVENTS, Order::Descending)
-            .await?;
-        for kv in newest.iter().rev() {
-            self.recent_events.push_back(kv.json()?);
-        }
-        self.last_event = self.recent_events.back().map_or(0, |e| e.seq);
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::Batch;
+    use crate::app::{Batch, RECENT_EVENTS};
     use kumo_store::StoreExt;
     use std::sync::Arc;
 
@@ -306,7 +288,7 @@ mod tests {
 
         // Spoil the oldest event: a start that read the whole log would
         // fail on it; one that loads only the newest window does not.
-        let spoiled = key(start + 1);
+        let spoiled = event_key(start + 1);
         app.store.put(&spoiled, b"not json".to_vec()).await.unwrap();
         drop(app);
         let app = open(dir.path()).await;
