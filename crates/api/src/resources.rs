@@ -539,6 +539,54 @@ pub enum MigrationPhase {
     Cancelling,
 }
 
+/// Why a VM moves. Stored with the migration and its result, carried by
+/// the migration events (`Event::migration_reason`), and shown in JSON as
+/// an object tagged by `kind`, e.g. `{"kind": "drain", "host": "h1"}`; its
+/// `Display` is the sentence the CLI and event messages print.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MigrationReason {
+    /// An operator asked for it (`kumo vm migrate`).
+    Operator,
+    /// The drain of `host` (alone or with its zone) moves its VMs away.
+    Drain {
+        #[schema(max_length = 63)]
+        host: String,
+    },
+    /// `host` was undrained with `return`: the VM its drain moved away goes
+    /// back to it.
+    ReturnAfterDrain {
+        #[schema(max_length = 63)]
+        host: String,
+    },
+    /// Rebalancing moves the VM off an overloaded host; `detail` is the
+    /// planner's account (loads before and after, imbalance, MiB to copy).
+    Rebalance {
+        #[schema(max_length = 1024)]
+        detail: String,
+    },
+    /// Power saving empties a lightly loaded host to switch it off;
+    /// `detail` is the planner's account.
+    PowerSaving {
+        #[schema(max_length = 1024)]
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for MigrationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationReason::Operator => write!(f, "requested"),
+            MigrationReason::Drain { host } => write!(f, "drain of host {host}"),
+            MigrationReason::ReturnAfterDrain { host } => {
+                write!(f, "return to host {host} after its drain")
+            }
+            MigrationReason::Rebalance { detail } => write!(f, "rebalance: {detail}"),
+            MigrationReason::PowerSaving { detail } => write!(f, "power saving: {detail}"),
+        }
+    }
+}
+
 /// A live migration under way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Migration {
@@ -554,8 +602,8 @@ pub struct Migration {
     pub phase: MigrationPhase,
     /// The longest pause of the guest QEMU may aim for at switch-over.
     pub downtime_limit_ms: u64,
-    /// Why it moves: `requested`, `drain of host h1`, `rebalance: ...`.
-    pub reason: String,
+    /// Why it moves.
+    pub reason: MigrationReason,
     /// Where the target listens (known once it is ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
@@ -627,7 +675,8 @@ pub struct MigrationResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_at_us: Option<u64>,
     pub total_ms: u64,
-    pub reason: String,
+    /// Why it moved (or tried to).
+    pub reason: MigrationReason,
     pub finished_at: Millis,
 }
 
@@ -797,16 +846,22 @@ pub struct Event {
     pub resource: String,
     pub project: String,
     pub message: String,
+    /// Why the VM moves, on the events of a migration (`vm.migration.*`,
+    /// `vm.migrated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_reason: Option<MigrationReason>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
-    /// Only events with a sequence number greater than this.
+    /// A cursor: only events with a sequence number greater than this, the
+    /// oldest first (pass the previous answer's `next`). Without it, the
+    /// newest events.
     #[serde(default)]
     pub after: Option<u64>,
-    /// At most this many, the newest (default 100, at most 10000).
+    /// At most this many (default 100, at most 10000).
     #[serde(default)]
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
@@ -814,6 +869,22 @@ pub struct EventQuery {
     #[serde(default)]
     #[param(max_length = 128)]
     pub resource: Option<String>,
+    /// With `after`: when no matching event is past the cursor yet, wait up
+    /// to this many seconds for one (a long poll; at most 10, short enough
+    /// for common HTTP read timeouts, so a follower simply asks again).
+    #[serde(default)]
+    #[param(minimum = 0, maximum = 10)]
+    pub wait_seconds: Option<u64>,
+}
+
+/// A page of the event log, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub items: Vec<Event>,
+    /// The cursor to pass as `after` for the events that follow: the last
+    /// event this answer looked at (returned or filtered out), or the
+    /// request's `after` when it looked at none.
+    pub next: u64,
 }
 
 /// A secret that lets a new host join the pool.

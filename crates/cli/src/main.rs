@@ -629,11 +629,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Event(EventCmd::List { resource, limit }) => {
             let q = EventQuery {
-                after: None,
                 limit: Some(limit),
                 resource,
+                ..Default::default()
             };
-            out.events(&client.events(&q).await?)
+            out.events(&client.events(&q).await?.items)
         }
     }
     Ok(())

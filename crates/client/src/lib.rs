@@ -444,17 +444,10 @@ impl Client {
         .await
     }
 
-    pub async fn events(&self, q: &EventQuery) -> Result<Vec<Event>> {
-        let mut req = self.request(Method::GET, "/v1/events");
-        if let Some(a) = q.after {
-            req = req.query(&[("after", a)]);
-        }
-        if let Some(l) = q.limit {
-            req = req.query(&[("limit", l)]);
-        }
-        if let Some(r) = &q.resource {
-            req = req.query(&[("resource", r)]);
-        }
-        self.json(req).await
+    /// One page of the event log (see [`EventQuery`]); with `wait_seconds` the
+    /// call waits that long for new events when there are none yet.
+    pub async fn events(&self, q: &EventQuery) -> Result<EventPage> {
+        self.json(self.request(Method::GET, "/v1/events").query(q))
+            .await
     }
 }

@@ -10,7 +10,7 @@ pub mod background;
 mod error;
 pub mod http;
 
-pub use app::rebalance::RebalanceSettings;
+pub use app::passes::RebalanceSettings;
 pub use error::Error;
 
 use anyhow::Context;
@@ -41,11 +41,11 @@ pub struct Config {
 pub const DEFAULT_POWER_PERIOD: Duration = Duration::from_secs(30);
 
 impl Config {
-    /// A controller serving on `listen`, with the default settings.
-    pub fn new(data_dir: PathBuf, listen: Vec<SocketAddr>) -> Config {
+    /// A controller serving on `listen` alone, with the default settings.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Config {
         Config {
             data_dir,
-            listen,
+            listen: vec![listen],
             down_after: Duration::from_secs(5),
             rebalance: RebalanceSettings::default(),
             power_period: DEFAULT_POWER_PERIOD,
@@ -109,7 +109,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let task = tokio::spawn(async move {
         while let Some(ended) = servers.join_next().await {
             if let Ok(Err(e)) = ended {
-                tracing::error!(error = %e, "http server stopped");
+                tracing::error!(error = %crate::error::Chain(&e), "http server stopped");
             }
         }
     });

@@ -76,11 +76,15 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = rebalance.check() {
         anyhow::bail!("--rebalance-{}", e.replace('_', "-"));
     }
+    let Some(&first) = args.listen.first() else {
+        anyhow::bail!("--listen: give at least one address");
+    };
     let server = kumod::start(kumod::Config {
         rebalance,
         power_period: seconds("power-period", args.power_period, 0.1, 86_400.0)?,
         down_after: Duration::from_secs_f64(args.down_after),
-        ..kumod::Config::new(args.data_dir, args.listen)
+        listen: args.listen,
+        ..kumod::Config::new(args.data_dir, first)
     })
     .await?;
     let urls: Vec<String> = server.addrs.iter().map(|a| format!("http://{a}")).collect();

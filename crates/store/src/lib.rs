@@ -140,6 +140,15 @@ pub struct TxnResult {
     pub revision: i64,
 }
 
+/// The direction of [`Store::range_page`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Smallest key first.
+    Ascending,
+    /// Largest key first.
+    Descending,
+}
+
 /// A change delivered to a watcher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -188,6 +197,20 @@ pub trait Store: Send + Sync {
 
     /// Every key starting with `prefix` (all keys if empty), sorted by key.
     async fn range(&self, prefix: &str) -> Result<Vec<KeyValue>, Error>;
+
+    /// At most `limit` keys starting with `prefix`, in `order`, beginning
+    /// just past `after` (exclusive: with [`Order::Ascending`] the keys
+    /// greater than it, with [`Order::Descending`] the keys less than it;
+    /// from the first key in that order if `None`). A page of a large prefix,
+    /// or its newest keys, without reading the rest; its cost is
+    /// proportional to `limit`, not to the prefix's size.
+    async fn range_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        order: Order,
+    ) -> Result<Vec<KeyValue>, Error>;
 
     /// Atomically: evaluate all `compares`; if all hold apply `success`, else
     /// `failure`. Ops run in order and share one new revision; a later op sees

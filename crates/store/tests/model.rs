@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use kumo_store::{Compare, KeyValue, Op, SqliteStore, Store, TxnResult, WatchEvent};
+use kumo_store::{Compare, KeyValue, Op, Order, SqliteStore, Store, TxnResult, WatchEvent};
 use proptest::prelude::*;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -289,6 +289,37 @@ async fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
     }
     for key in KEYS {
         prop_assert_eq!(store.get(key).await.unwrap(), model.kvs.get(*key).cloned());
+    }
+    for prefix in PREFIXES {
+        let all = model.range(prefix);
+        // Limit 2 cuts most ranges short; 100 reads all of any range here.
+        let pages = KEYS.iter().map(|k| (Some(*k), 2));
+        for (after, limit) in pages.chain([(None, 0), (None, 2), (None, 100)]) {
+            let up: Vec<KeyValue> = all
+                .iter()
+                .filter(|kv| after.is_none_or(|a| kv.key.as_str() > a))
+                .take(limit)
+                .cloned()
+                .collect();
+            let down: Vec<KeyValue> = all
+                .iter()
+                .rev()
+                .filter(|kv| after.is_none_or(|a| kv.key.as_str() < a))
+                .take(limit)
+                .cloned()
+                .collect();
+            for (order, want) in [(Order::Ascending, up), (Order::Descending, down)] {
+                prop_assert_eq!(
+                    store.range_page(prefix, after, limit, order).await.unwrap(),
+                    want,
+                    "range_page {:?} after {:?} limit {} {:?}",
+                    prefix,
+                    after,
+                    limit,
+                    order
+                );
+            }
+        }
     }
     watchers.check()
 }

@@ -87,6 +87,7 @@ pub async fn event_kinds(client: &Client, resource: Option<&str>) -> Result<Vec<
     Ok(client
         .events(&q)
         .await?
+        .items
         .into_iter()
         .map(|e| e.kind)
         .collect())
@@ -180,7 +181,7 @@ impl SimCloud {
         let dir = tempfile::tempdir()?;
         let mut config = kumod::Config {
             down_after,
-            ..kumod::Config::new(dir.path().join("controller"), vec!["127.0.0.1:0".parse()?])
+            ..kumod::Config::new(dir.path().join("controller"), "127.0.0.1:0".parse()?)
         };
         tweak(&mut config);
         let server = kumod::start(config).await?;

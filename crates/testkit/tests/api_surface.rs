@@ -552,6 +552,15 @@ async fn malformed_input_names_its_field_and_changes_nothing() {
             "cpu_policy",
         ),
         (Method::GET, "/v1/events?limit=0", "limit"),
+        (Method::GET, "/v1/events?limit=10001", "limit"),
+        (Method::GET, "/v1/events?after=-1", "after"),
+        (Method::GET, "/v1/events?after=999999999", "after"),
+        (
+            Method::GET,
+            "/v1/events?after=0&wait_seconds=11",
+            "wait_seconds",
+        ),
+        (Method::GET, "/v1/events?wait_seconds=1", "wait_seconds"),
         (Method::POST, "/v1/images?name=", "name"),
     ] {
         let (status, _, err) = call(&url, method.clone(), path, Some(&admin), None).await;
@@ -740,6 +749,9 @@ async fn fuzzer_finds_no_disagreement_with_the_document() {
             "1",
             "--workers",
             "2",
+            // Above the longest long poll (`GET /v1/events?wait_seconds=10`).
+            "--request-timeout",
+            "15",
             "--exclude-path",
             "/v1/zones/{name}/power-saving",
             "--exclude-operation-id",

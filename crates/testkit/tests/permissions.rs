@@ -62,7 +62,7 @@ async fn a_new_controller_and_host_keep_state_and_secrets_owner_only() {
 async fn a_controller_tightens_the_data_dir_an_older_version_left_open() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("controller");
-    let config = kumod::Config::new(data.clone(), vec!["127.0.0.1:0".parse().unwrap()]);
+    let config = kumod::Config::new(data.clone(), "127.0.0.1:0".parse().unwrap());
     let server = kumod::start(config.clone()).await.unwrap();
     let client = Client::new(&server.url(), &server.admin_token);
     create_zone(&client, "z1").await.unwrap();

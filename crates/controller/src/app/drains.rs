@@ -10,16 +10,13 @@
 //! of the scheduler's state and moves nothing.
 
 use super::migrations::{movable, move_request};
-use super::{hosts, lookup, migration_key, now_ms, App, Batch, Inventory};
+use super::records::{host_key, HostMode, HostRecord};
+use super::{lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
-use hosts::HostMode;
 use kumo_api::{
-    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState,
+    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, MigrationReason,
+    PlannedMove, Vm, VmState,
 };
-
-/// What the migrations of a drain give as their reason, first (the VMs
-/// they move remember where they came from).
-pub const REASON_PREFIX: &str = "drain of host ";
 
 /// Migrations the mover keeps under way at once, over the whole cloud.
 pub const PARALLEL_MIGRATIONS: usize = 4;
@@ -145,13 +142,13 @@ impl App {
             if rec.mode == HostMode::Draining {
                 continue;
             }
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 mode: HostMode::Draining,
                 after_drain: after,
                 welcome_back: false,
                 ..rec.clone()
             };
-            batch.put(hosts::key(h), &rec);
+            batch.put(host_key(h), &rec);
             let (_, count) = inv.allocated(rec.id);
             batch.event(
                 "host.draining",
@@ -226,12 +223,12 @@ impl App {
                 )
                 .into());
             }
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 mode: HostMode::Active,
                 welcome_back: return_vms,
                 ..rec
             };
-            batch.put(hosts::key(h), &rec);
+            batch.put(host_key(h), &rec);
             let back = inv
                 .vms()
                 .values()
@@ -291,7 +288,7 @@ impl App {
                     && now.saturating_sub(r.finished_at) < RETRY_AFTER_MS
             })
         };
-        let mut wanted: Vec<(String, Option<String>, String)> = Vec::new();
+        let mut wanted: Vec<(String, Option<String>, MigrationReason)> = Vec::new();
         let mut finished = Vec::new();
         let mut welcomed = Vec::new();
         for h in inv.hosts.values() {
@@ -308,7 +305,9 @@ impl App {
                     }
                     for vm in inv.vms_on(h.rec.id) {
                         if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
-                            let reason = format!("{REASON_PREFIX}{}", h.rec.name);
+                            let reason = MigrationReason::Drain {
+                                host: h.rec.name.clone(),
+                            };
                             wanted.push((vm.name.clone(), None, reason));
                         }
                     }
@@ -319,7 +318,7 @@ impl App {
                     let mut waiting = inv.vms_on(h.rec.id).any(|v| {
                         v.migration
                             .as_ref()
-                            .is_some_and(|m| m.reason.starts_with(REASON_PREFIX))
+                            .is_some_and(|m| matches!(m.reason, MigrationReason::Drain { .. }))
                     });
                     for vm in inv.vms().values() {
                         if vm.evacuated_from.as_deref() != Some(name) {
@@ -327,7 +326,9 @@ impl App {
                         }
                         waiting = true;
                         if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
-                            let reason = format!("return to host {} after its drain", h.rec.name);
+                            let reason = MigrationReason::ReturnAfterDrain {
+                                host: h.rec.name.clone(),
+                            };
                             wanted.push((vm.name.clone(), Some(h.rec.name.clone()), reason));
                         }
                     }
@@ -348,19 +349,21 @@ impl App {
             };
             match self.start_migration(&mut inv, &vm, req, reason).await {
                 Ok(_) => budget -= 1,
-                Err(e) => tracing::info!(vm = %vm, error = %e, "cannot move VM yet"),
+                Err(e) => {
+                    tracing::info!(vm = %vm, error = %crate::error::Chain(&e), "cannot move VM yet")
+                }
             }
         }
         for name in finished {
             self.finish_drain(&mut inv, &name).await?;
         }
         for name in welcomed {
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 welcome_back: false,
                 ..inv.hosts[&name].rec.clone()
             };
             let mut batch = Batch::default();
-            batch.put(hosts::key(&name), &rec);
+            batch.put(host_key(&name), &rec);
             self.commit(&mut inv, batch).await?;
             inv.set_host_record(rec);
         }
@@ -369,12 +372,12 @@ impl App {
 
     /// An emptied draining host goes to maintenance (or standby).
     async fn finish_drain(&self, inv: &mut Inventory, name: &str) -> Result<()> {
-        let rec = hosts::HostRecord {
+        let rec = HostRecord {
             mode: inv.hosts[name].rec.after_drain,
             ..inv.hosts[name].rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(hosts::key(name), &rec);
+        batch.put(host_key(name), &rec);
         batch.event(
             "host.drained",
             format!("host/{name}"),

@@ -22,118 +22,11 @@ use super::migrations::move_request;
 use super::{now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    HostState, MigrateVm, MigrationOutcome, PowerState, RebalanceMove, RebalancePass,
-    RebalanceStatus, VmState, DEFAULT_PROJECT,
+    HostState, MigrateVm, MigrationOutcome, MigrationReason, PowerState, RebalanceMove,
+    RebalancePass, RebalanceStatus, VmState, DEFAULT_PROJECT,
 };
 use kumo_sched::{imbalance, Candidate, Cluster, RebalanceConfig};
 use std::collections::HashMap;
-use std::time::Duration;
-
-/// What the migrations rebalancing starts give as their reason, first.
-pub const REASON_PREFIX: &str = "rebalance: ";
-
-/// How automatic rebalancing behaves (`kumod --rebalance-*`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct RebalanceSettings {
-    pub enabled: bool,
-    /// Host CPU load (percent, 0–100) above which a host is overloaded.
-    pub threshold: f64,
-    /// How often a pass runs.
-    pub period: Duration,
-    /// How long a host must stay above the threshold to count.
-    pub sustain: Duration,
-    /// Migrations started per pass, at most.
-    pub max_moves: usize,
-    /// Rebalancing migrations under way at once, at most.
-    pub max_in_flight: usize,
-    /// A VM that moved stays put this long.
-    pub cooldown: Duration,
-    /// Cost–benefit: the least drop of the imbalance score per GiB of
-    /// memory copied (see [`RebalanceConfig::min_gain_per_gib`]).
-    pub min_gain_per_gib: f64,
-}
-
-impl Default for RebalanceSettings {
-    fn default() -> Self {
-        RebalanceSettings {
-            enabled: true,
-            threshold: 85.0,
-            period: Duration::from_secs(30),
-            sustain: Duration::from_secs(60),
-            max_moves: 1,
-            max_in_flight: 2,
-            cooldown: Duration::from_secs(600),
-            min_gain_per_gib: RebalanceConfig::default().min_gain_per_gib,
-        }
-    }
-}
-
-impl RebalanceSettings {
-    /// Check the settings, naming the first one out of range.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        if !(self.threshold > 0.0 && self.threshold <= 100.0) {
-            return Err(format!(
-                "threshold: {} is out of range: use more than 0 and at most 100 (percent)",
-                self.threshold
-            ));
-        }
-        if self.period < Duration::from_millis(100) || self.period > Duration::from_secs(86_400) {
-            return Err(format!(
-                "period: {:?} is out of range: use 0.1 s to one day",
-                self.period
-            ));
-        }
-        if self.sustain > Duration::from_secs(86_400) {
-            return Err(format!(
-                "sustain: {:?} is out of range: use at most one day",
-                self.sustain
-            ));
-        }
-        if !(1..=1000).contains(&self.max_moves) {
-            return Err(format!(
-                "max_moves: {} is out of range: use 1 to 1000",
-                self.max_moves
-            ));
-        }
-        if !(1..=1000).contains(&self.max_in_flight) {
-            return Err(format!(
-                "max_in_flight: {} is out of range: use 1 to 1000",
-                self.max_in_flight
-            ));
-        }
-        if !(self.min_gain_per_gib.is_finite() && self.min_gain_per_gib >= 0.0) {
-            return Err(format!(
-                "min_gain_per_gib: {} is out of range: use 0 or more",
-                self.min_gain_per_gib
-            ));
-        }
-        Ok(())
-    }
-
-    fn status(&self) -> RebalanceStatus {
-        RebalanceStatus {
-            enabled: self.enabled,
-            threshold: self.threshold,
-            sustain_seconds: self.sustain.as_secs_f64(),
-            period_seconds: self.period.as_secs_f64(),
-            max_moves: self.max_moves,
-            max_in_flight: self.max_in_flight,
-            cooldown_seconds: self.cooldown.as_secs_f64(),
-            min_gain_per_gib: self.min_gain_per_gib,
-            started_total: 0,
-            last_pass: None,
-        }
-    }
-}
-
-/// The rebalancer's report, kept between passes.
-pub(crate) struct RebalanceReport(std::sync::Mutex<RebalanceStatus>);
-
-impl RebalanceReport {
-    pub(crate) fn new(settings: &RebalanceSettings) -> Self {
-        RebalanceReport(std::sync::Mutex::new(settings.status()))
-    }
-}
 
 impl Inventory {
     /// The scheduler's view with the load of every migration under way
@@ -176,7 +69,7 @@ impl App {
             if vm
                 .migration
                 .as_ref()
-                .is_some_and(|m| m.reason.starts_with(REASON_PREFIX))
+                .is_some_and(|m| matches!(m.reason, MigrationReason::Rebalance { .. }))
             {
                 in_flight += 1;
             }
@@ -225,7 +118,9 @@ impl App {
                         request,
                         cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
                     }),
-                    Err(e) => tracing::warn!(vm = %vm.name, error = %e, "rebalance: VM left out"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %crate::error::Chain(&e), "rebalance: VM left out")
+                    }
                 }
             }
         }
@@ -279,7 +174,9 @@ impl App {
         }
         let mut started = 0;
         for m in moves {
-            let reason = format!("{REASON_PREFIX}{}", m.reason);
+            let reason = MigrationReason::Rebalance {
+                detail: m.reason.clone(),
+            };
             let req = MigrateVm {
                 to: Some(m.to.clone()),
                 downtime_limit_ms: None,
@@ -294,7 +191,7 @@ impl App {
                     None
                 }
                 Err(e) => {
-                    tracing::info!(vm = %m.vm, error = %e, "rebalance: move not started");
+                    tracing::info!(vm = %m.vm, error = %crate::error::Chain(&e), "rebalance: move not started");
                     Some(e.to_string())
                 }
             };
@@ -302,7 +199,7 @@ impl App {
                 vm: m.vm,
                 from: m.from,
                 to: m.to,
-                reason,
+                reason: reason.to_string(),
                 error,
             });
         }
