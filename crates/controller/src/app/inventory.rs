@@ -290,7 +290,7 @@ pub struct Batch {
 impl Batch {
     /// Store a VM and install it in the inventory.
     pub fn put_vm(&mut self, vm: Vm) {
-        self.put(records::vm_key(&vm.name), &records::vm_record(&vm));
+        self.put(records::vm_key(&vm.name), &records::VmRecord::from_vm(&vm));
         self.vms.push(VmChange::Put(Box::new(vm)));
     }
 
@@ -437,13 +437,10 @@ pub(super) async fn load(store: &dyn Store) -> anyhow::Result<Inventory> {
         inv.groups.insert(g.name.clone(), g);
     }
     for kv in store.range(records::VMS).await? {
-        let vm =
-            records::decode_vm(&kv.value).map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
-        inv.put_vm(Vm {
-            cpu_percent: None,
-            ..vm
-        })
-        .map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
+        let rec = records::VmRecord::decode(&kv.value)
+            .map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
+        inv.put_vm(rec.into_vm())
+            .map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
     }
     for kv in store.range(records::JOIN_TOKENS).await? {
         let t: TokenRecord = decode(&kv)?;
