@@ -78,3 +78,24 @@ async fn the_previous_releases_state_file_loads() {
         Some("vm.migration.started")
     );
 }
+
+/// A host record written by this release says its version; one the
+/// previous release wrote (no version) stays as it was until written again.
+#[tokio::test]
+async fn host_records_are_written_with_their_version() {
+    let (dir, app) = support::load_fixture(|_| {}).await;
+    app.host_set_enabled("h2", false).await.expect("disable");
+    drop(app);
+    let store =
+        kumo_store::SqliteStore::open(&dir.path().join("controller/state.db")).expect("store");
+    let version = |kv: &[kumo_store::KeyValue]| {
+        let rec: serde_json::Value = serde_json::from_slice(&kv[0].value).expect("JSON");
+        rec.get("version").and_then(serde_json::Value::as_u64)
+    };
+    use kumo_store::Store;
+    assert_eq!(
+        version(&store.range("hosts/h2").await.expect("h2")),
+        Some(1)
+    );
+    assert_eq!(version(&store.range("hosts/h3").await.expect("h3")), None);
+}

@@ -9,7 +9,7 @@
 //! a fresh grace period instead of being declared down for the time the
 //! controller itself was away.
 
-use super::records::{host_key, HostMode, HostRecord};
+use super::records::{host_key, HostMode, HostRecord, HOST_RECORD_VERSION};
 use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -189,6 +189,7 @@ impl App {
             }
         }
         let rec = HostRecord {
+            version: HOST_RECORD_VERSION,
             id: existing.as_ref().map_or_else(Uuid::new_v4, |o| o.id),
             name: req.name.clone(),
             project: DEFAULT_PROJECT.to_string(),

@@ -302,7 +302,8 @@ impl Batch {
 
     /// Store a host's record and install it in the inventory
     /// ([`Inventory::install_host`]).
-    pub fn put_host(&mut self, rec: HostRecord) {
+    pub fn put_host(&mut self, mut rec: HostRecord) {
+        rec.version = records::HOST_RECORD_VERSION;
         self.put(records::host_key(&rec.name), &rec);
         self.hosts.push(rec);
     }

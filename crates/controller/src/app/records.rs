@@ -326,9 +326,17 @@ fn legacy_reason(sentence: &str) -> MigrationReason {
     MigrationReason::Operator
 }
 
-/// What the store keeps of a host.
+/// The version of [`HostRecord`] this release writes.
+pub const HOST_RECORD_VERSION: u32 = 1;
+
+/// What the store keeps of a host. Versions: 0, the previous release's
+/// (no `version`); 1, the same fields, versioned.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HostRecord {
+    /// Absent (0) in the previous release's records; every write stamps
+    /// [`HOST_RECORD_VERSION`] ([`super::Batch::put_host`]).
+    #[serde(default)]
+    pub version: u32,
     pub id: Uuid,
     pub name: String,
     pub project: String,
