@@ -65,7 +65,7 @@ impl Probed {
     /// in are received on.
     pub fn into_driver(
         self,
-        images: Arc<images::ImageCache>,
+        images: Arc<dyn images::ImageStore>,
         migration_ip: String,
     ) -> Box<dyn Hypervisor> {
         match self {

@@ -16,7 +16,7 @@
 //! `<datastore>/images/`), so every host mounting the datastore opens the
 //! same disks through the same paths.
 
-use super::images::ImageCache;
+use super::images::ImageStore;
 use super::{Accel, Guest, Hypervisor, Outgoing};
 use crate::{ledger, metrics};
 use anyhow::{bail, Context};
@@ -95,7 +95,7 @@ impl Qemu {
 
     /// The driver, with the image cache its guests' disks come from and
     /// the address guests migrating in are received on.
-    pub fn ready(self, images: Arc<ImageCache>, migration_ip: String) -> QemuDriver {
+    pub fn ready(self, images: Arc<dyn ImageStore>, migration_ip: String) -> QemuDriver {
         QemuDriver {
             qemu: self,
             images,
@@ -107,7 +107,7 @@ impl Qemu {
 /// The QEMU driver of a host.
 pub struct QemuDriver {
     qemu: Qemu,
-    images: Arc<ImageCache>,
+    images: Arc<dyn ImageStore>,
     migration_ip: Arc<str>,
 }
 
@@ -235,7 +235,7 @@ pub struct QemuGuest {
     /// shared (else they are in `dir`).
     shared_disks: Option<PathBuf>,
     accel: &'static str,
-    images: Arc<ImageCache>,
+    images: Arc<dyn ImageStore>,
     /// The address guests migrating in are received on.
     pub(super) migration_ip: Arc<str>,
     pub(super) qmp: Option<Qmp>,
