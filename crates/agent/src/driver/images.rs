@@ -67,15 +67,10 @@ impl ImageStore for ImageCache {
         }
         kumo_private_fs::create_dir(dir)?;
         let tmp = dir.join(format!(".{}.{}.part", image.sha256, self.host_name));
-        let (url, token) = self.controller.image_url(image.id);
         let resp = self
             .controller
-            .http()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
+            .image(image.id)
             .await
-            .and_then(|r| r.error_for_status())
             .context("downloading the image")?;
         let mut file = tokio::fs::File::create(&tmp).await?;
         let mut hasher = sha2::Sha256::new();
