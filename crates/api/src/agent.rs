@@ -316,6 +316,7 @@ impl Machine {
     }
 }
 
+/// The guest's processors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cpu {

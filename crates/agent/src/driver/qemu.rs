@@ -50,6 +50,7 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// The QEMU of this host (see [`super::Probed::probe`]).
     pub async fn probe(
         accel: Accel,
         data_dir: &Path,
