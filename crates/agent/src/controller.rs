@@ -42,17 +42,51 @@ pub struct Controller {
     register: RegisterHost,
 }
 
-/// A controller answer that is not a success.
+/// Why a call to the controller failed.
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+pub enum CallError {
     #[error("the controller refused this host's token (was the host removed? restart the agent with --join-token to join again)")]
     Unauthorized,
-    #[error("controller: {0}")]
-    Api(ApiError),
+    /// The controller answered with an error: its status and kumo's error
+    /// body ([`ApiError`]).
+    #[error("the controller answered {status}: {error}")]
+    Refused {
+        status: reqwest::StatusCode,
+        error: ApiError,
+    },
+    /// An error status without kumo's error body (a proxy in between, or
+    /// a controller of another version).
+    #[error("the controller answered {status}: {body}")]
+    Status {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    /// No answer: connecting failed, or the connection broke or timed out.
     #[error("controller unreachable")]
-    Http(#[from] reqwest::Error),
-    #[error("{0}")]
-    Local(String),
+    Unreachable(#[source] reqwest::Error),
+    /// A success whose body is not what was asked for.
+    #[error("reading the controller's answer")]
+    Answer(#[source] reqwest::Error),
+    /// A step on this host after the call.
+    #[error("{what}")]
+    Local {
+        what: &'static str,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl CallError {
+    /// The controller refused the request itself (a 4xx other than a
+    /// refused token): asking again will not help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            CallError::Refused { status, .. } | CallError::Status { status, .. } => {
+                status.is_client_error()
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Controller {
@@ -64,7 +98,7 @@ impl Controller {
         hypervisor: HypervisorInfo,
     ) -> anyhow::Result<(Controller, String)> {
         let path = config.data_dir.join(IDENTITY);
-        let known: Option<Identity> = match std::fs::read(&path) {
+        let known: Option<Identity> = match tokio::fs::read(&path).await {
             Ok(b) => Some(serde_json::from_slice(&b).context("reading the identity file")?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
@@ -113,13 +147,21 @@ impl Controller {
                     tracing::warn!("the controller refused this host's token; joining anew with the join token");
                     c.identity.lock().expect("lock").host_token.clear();
                 }
+                // The controller refuses this host as it is now (another
+                // zone, a name taken by another host, a removed host
+                // without a join token): running on with what it knew
+                // before would report stale capacity, so stop and say why.
+                Err(e) if e.is_refusal() || matches!(e, CallError::Unauthorized) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("the controller refused to register this host"));
+                }
                 Err(e) if known.is_some() => {
-                    tracing::warn!(error = %e, "could not update the registration; going on with the saved identity");
+                    tracing::warn!(error = %crate::Chain(&e), "could not update the registration; going on with the saved identity");
                     break;
                 }
-                Err(e @ CallError::Http(_)) if attempt < 60 => {
+                Err(e @ CallError::Unreachable(_)) if attempt < 60 => {
                     attempt += 1;
-                    tracing::warn!(error = %e, "controller not reachable yet; retrying");
+                    tracing::warn!(error = %crate::Chain(&e), "controller not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -145,15 +187,20 @@ impl Controller {
         if !token.is_empty() {
             req = req.bearer_auth(token);
         }
-        let r: RegisterHostResponse = Self::answer(req.send().await?).await?;
+        let resp = req.send().await.map_err(CallError::Unreachable)?;
+        let r: RegisterHostResponse = Self::answer(resp).await?;
         let identity = Identity {
             host_id: r.host_id,
             host_token: r.host_token,
             agent_secret: self.register.agent_secret.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&identity).expect("identity serializes");
-        kumo_private_fs::write_file(&data_dir.join(IDENTITY), &bytes)
-            .map_err(|e| CallError::Local(format!("saving the identity: {e:#}")))?;
+        ledger::write_atomic(data_dir.join(IDENTITY), bytes)
+            .await
+            .map_err(|source| CallError::Local {
+                what: "saving the identity",
+                source,
+            })?;
         *self.identity.lock().expect("lock") = identity;
         tracing::info!(host_id = %r.host_id, "joined the pool");
         Ok(())
@@ -163,27 +210,53 @@ impl Controller {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
-        Self::answer(req.bearer_auth(self.token()).send().await?).await
+        let resp = req
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .map_err(CallError::Unreachable)?;
+        Self::answer(resp).await
     }
 
+    /// The answer's body as `T`, or why there is none.
     async fn answer<T: serde::de::DeserializeOwned>(
         resp: reqwest::Response,
     ) -> Result<T, CallError> {
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        Self::success(resp)
+            .await?
+            .json()
+            .await
+            .map_err(CallError::Answer)
+    }
+
+    /// The answer if it is a success, else why not: an error status carries
+    /// the controller's own message when the body is kumo's error.
+    async fn success(resp: reqwest::Response) -> Result<reqwest::Response, CallError> {
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(CallError::Unauthorized);
         }
-        if !resp.status().is_success() {
-            return Err(CallError::Api(resp.json().await?));
+        if status.is_success() {
+            return Ok(resp);
         }
-        Ok(resp.json().await?)
+        let body = resp.bytes().await.map_err(CallError::Unreachable)?;
+        Err(match serde_json::from_slice::<ApiError>(&body) {
+            Ok(error) => CallError::Refused { status, error },
+            Err(_) => CallError::Status {
+                status,
+                body: kumo_api::bounded_message(String::from_utf8_lossy(&body).into_owned()),
+            },
+        })
     }
 
-    pub fn image_url(&self, id: Uuid) -> (String, String) {
-        (format!("{}/v1/images/{id}/data", self.url), self.token())
-    }
-
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The bytes of image `id` (`GET /v1/images/{id}/data`), as a stream
+    /// to read.
+    pub async fn image(&self, id: Uuid) -> Result<reqwest::Response, CallError> {
+        let req = self
+            .http
+            .get(format!("{}/v1/images/{id}/data", self.url))
+            .bearer_auth(self.token());
+        Self::success(req.send().await.map_err(CallError::Unreachable)?).await
     }
 }
 
@@ -210,12 +283,10 @@ pub async fn heartbeats(shared: Arc<Shared>) {
         }
         // Simulated hosts report their guests' simulated load, not the
         // machine's they share.
-        let load = match shared.driver {
-            crate::driver::Driver::Sim(_) => {
-                crate::driver::sim::host_load(&vms, shared.controller.register.capacity.vcpus)
-            }
-            _ => meter.sample(),
-        };
+        let load = shared
+            .driver
+            .simulated_load(&vms, shared.controller.register.capacity.vcpus)
+            .unwrap_or_else(|| meter.sample());
         let hb = Heartbeat {
             load,
             applied_generation: applied,
@@ -230,11 +301,13 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             Ok(answer) if !shared.config.long_poll && (first || answer.generation != applied) => {
                 match sync_desired(&shared, None, first).await {
                     Ok(()) => first = false,
-                    Err(e) => tracing::warn!(error = %e, "fetching the desired state"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::Chain(&e), "fetching the desired state")
+                    }
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "heartbeat"),
+            Err(e) => tracing::warn!(error = %crate::Chain(&e), "heartbeat"),
         }
     }
 }
@@ -248,7 +321,7 @@ pub async fn follow_desired(shared: Arc<Shared>) {
         match sync_desired(&shared, wait, first).await {
             Ok(()) => first = false,
             Err(e) => {
-                tracing::warn!(error = %e, "fetching the desired state");
+                tracing::warn!(error = %crate::Chain(&e), "fetching the desired state");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -275,8 +348,92 @@ async fn sync_desired(
     // that was removed and joined anew under this name.
     if force || desired.generation != after {
         ledger::store(&shared.config.data_dir, &desired)
-            .map_err(|e| CallError::Local(format!("persisting the desired state: {e:#}")))?;
+            .await
+            .map_err(|source| CallError::Local {
+                what: "persisting the desired state",
+                source,
+            })?;
         vm::apply(shared, desired).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    /// A server answering `/refused` with kumo's error body, `/proxy` with
+    /// a bare error page and `/ok` with a heartbeat answer.
+    async fn server() -> String {
+        let refused = ApiError::new(
+            kumo_api::ErrorCode::Conflict,
+            "zone",
+            "zone: host \"h1\" is registered in zone \"z1\"",
+        );
+        let router = axum::Router::new()
+            .route(
+                "/refused",
+                get(move || async move { (StatusCode::CONFLICT, axum::Json(refused)) }),
+            )
+            .route(
+                "/proxy",
+                get(|| async { (StatusCode::BAD_GATEWAY, "bad gateway") }),
+            )
+            .route(
+                "/ok",
+                get(|| async { axum::Json(HeartbeatResponse { generation: 5 }) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    async fn call(url: &str) -> Result<HeartbeatResponse, CallError> {
+        let resp = shared_http()
+            .get(url)
+            .send()
+            .await
+            .map_err(CallError::Unreachable)?;
+        Controller::answer(resp).await
+    }
+
+    /// A refusal carries the status and the controller's message; an
+    /// error page its status and text; "unreachable" only when no answer
+    /// came.
+    #[tokio::test]
+    async fn failed_calls_say_what_the_controller_answered() {
+        let url = server().await;
+        assert_eq!(call(&format!("{url}/ok")).await.unwrap().generation, 5);
+
+        let e = call(&format!("{url}/refused")).await.unwrap_err();
+        assert!(e.is_refusal());
+        assert_eq!(
+            e.to_string(),
+            "the controller answered 409 Conflict: zone: host \"h1\" is registered in zone \"z1\""
+        );
+        let e = call(&format!("{url}/proxy")).await.unwrap_err();
+        assert!(!e.is_refusal(), "a 5xx may pass");
+        assert_eq!(
+            e.to_string(),
+            "the controller answered 502 Bad Gateway: bad gateway"
+        );
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let e = call(&format!("http://127.0.0.1:{port}/ok"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Unreachable(_)), "{e:?}");
+        // The log line names the cause under "unreachable".
+        let logged = crate::Chain(&e).to_string();
+        assert!(logged.starts_with("controller unreachable: "), "{logged}");
+        assert!(
+            logged.len() > "controller unreachable: ".len() + 10,
+            "{logged}"
+        );
+    }
 }

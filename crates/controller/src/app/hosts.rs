@@ -13,9 +13,8 @@ use super::records::{host_key, HostMode, HostRecord, HOST_RECORD_VERSION};
 use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    validate_name, ApiError, DesiredState, ErrorCode, Host, ImageRef, MigrationPhase,
-    MigrationSpec, RegisterHost, RegisterHostResponse, UpdateHost, VmSpec, VmState,
-    DEFAULT_PROJECT,
+    validate_name, ApiError, DesiredState, ErrorCode, Host, MigrationPhase, MigrationSpec,
+    RegisterHost, RegisterHostResponse, UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
 };
 use std::time::Duration;
 use uuid::Uuid;
@@ -85,16 +84,9 @@ impl Inventory {
                 Some(VmSpec {
                     id: v.id,
                     name: v.name.clone(),
-                    size: v.size,
-                    image: ImageRef {
-                        id: image.id,
-                        sha256: image.sha256.clone(),
-                        format: image.format,
-                        size_bytes: image.size_bytes,
-                    },
+                    machine: super::machine::for_vm(v, image, cores),
                     power: v.power,
                     reboots: v.reboots,
-                    cores,
                     delete: v.state == VmState::Deleting,
                     migration,
                     metadata: v.metadata.clone(),

@@ -15,6 +15,7 @@ pub mod images;
 pub mod ingest;
 pub mod inventory;
 pub mod join_tokens;
+pub mod machine;
 pub mod migrations;
 pub mod passes;
 pub mod power;
