@@ -8,7 +8,8 @@
 //! `qemu.pid`, `qmp.sock`, `console.sock` and `console.log`. On a host with
 //! a shared datastore the disk is `<datastore>/disks/<id>.qcow2` instead
 //! (and the image cache `<datastore>/images/`), so every host mounting the
-//! datastore opens the same disk through the same path.
+//! datastore opens the same disk through the same path; `disk-id` in the
+//! VM's directory then notes which file that is.
 
 use super::{images, Accel};
 use crate::{metrics, Shared};
@@ -26,6 +27,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const BINARY: &str = "qemu-system-x86_64";
+/// In a VM's directory, which file its disk on a shared datastore is
+/// (see [`file_id`]), as this host set it up.
+const DISK_ID: &str = "disk-id";
 /// Longest path a unix socket may have (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -291,8 +295,30 @@ impl QemuGuest {
                 }
             }
         }
+        if self.shared_disk {
+            self.note_disk()?;
+        }
         self.write_seed(spec).await?;
         Ok(image)
+    }
+
+    /// Note which file the shared disk is (see [`QemuGuest::remove`]).
+    fn note_disk(&self) -> anyhow::Result<()> {
+        let id = file_id(&self.disk)
+            .with_context(|| format!("the disk {} is gone", self.disk.display()))?;
+        Ok(kumo_private_fs::write_file(
+            &self.path(DISK_ID),
+            id.as_bytes(),
+        )?)
+    }
+
+    /// Whether the shared disk's path still names the file this host set
+    /// up. A guest set up before hosts noted it counts as this host's.
+    fn owns_shared_disk(&self) -> bool {
+        match std::fs::read_to_string(self.path(DISK_ID)) {
+            Ok(noted) => file_id(&self.disk).is_some_and(|id| id == noted.trim()),
+            Err(_) => true,
+        }
     }
 
     /// Start QEMU, detached, on the disk over `image`.
@@ -431,10 +457,14 @@ impl QemuGuest {
 
     /// Stop hard and remove the guest's state on this host; its disk on a
     /// shared datastore goes too unless `keep_shared_disk` (another host
-    /// runs the guest from it now, or may).
+    /// runs the guest from it now, or may) — and only if the path still
+    /// names the file this host set up: a host taking the guest onto the
+    /// datastore by copying its disk (a local-storage migration) makes a
+    /// new file at the same path, maybe before the host the guest left
+    /// there earlier has cleaned up.
     pub async fn remove(&mut self, keep_shared_disk: bool) -> anyhow::Result<()> {
         self.kill().await?;
-        if self.shared_disk && !keep_shared_disk {
+        if self.shared_disk && !keep_shared_disk && self.owns_shared_disk() {
             remove_if_present(tokio::fs::remove_file(&self.disk).await)?;
         }
         remove_if_present(tokio::fs::remove_dir_all(&self.dir).await)
@@ -605,6 +635,22 @@ pub(super) enum DiskSetup {
     Existing,
 }
 
+/// Which file `path` names: `device:inode:birth`, the birth time in
+/// nanoseconds since the epoch (a file system frees an inode number for
+/// reuse as soon as the file is gone, so a new file at the same path may
+/// well have the old number); `-` where the file system keeps no birth
+/// time (NFS), leaving the inode alone to tell.
+fn file_id(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let birth = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(|| "-".to_string(), |d| d.as_nanos().to_string());
+    Some(format!("{}:{}:{birth}", m.dev(), m.ino()))
+}
+
 fn remove_if_present(r: std::io::Result<()>) -> anyhow::Result<()> {
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -729,6 +775,47 @@ mod tests {
         ]));
         assert!(argv(Launch::Paused).ends_with(&["-S".to_string()]));
         assert!(argv(Launch::Incoming).ends_with(&["-incoming".to_string(), "defer".into()]));
+    }
+
+    /// A host giving a guest up removes its disk on the datastore only
+    /// while the path still names the file it set up: not the new disk
+    /// another host has meanwhile made there for the same guest.
+    #[tokio::test]
+    async fn a_host_leaving_removes_only_its_own_shared_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ds = tmp.path().join("ds");
+        std::fs::create_dir_all(ds.join("disks")).unwrap();
+        let qemu = Qemu {
+            version: "test".into(),
+            accel: "tcg",
+            vms_dir: tmp.path().join("vms"),
+            datastore: Some(ds),
+        };
+        let id = Uuid::from_u128(7);
+        let make = |guest: &QemuGuest, content: &str| {
+            kumo_private_fs::create_dir(&guest.dir).unwrap();
+            std::fs::write(&guest.disk, content).unwrap();
+            guest.note_disk().unwrap();
+        };
+        // Another host took the guest onto the datastore anew (the same
+        // path, a new file) before this one cleaned up.
+        let mut leaving = qemu.guest(id);
+        make(&leaving, "old");
+        std::fs::remove_file(&leaving.disk).unwrap();
+        std::fs::write(&leaving.disk, "new").unwrap();
+        leaving.remove(false).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&leaving.disk).unwrap(), "new");
+        assert!(!leaving.dir.exists());
+        // Its own disk it removes.
+        let mut own = qemu.guest(id);
+        make(&own, "mine");
+        own.remove(false).await.unwrap();
+        assert!(!own.disk.exists());
+        // Unless told to keep it (another host runs the guest from it).
+        let mut shared = qemu.guest(id);
+        make(&shared, "shared");
+        shared.remove(true).await.unwrap();
+        assert!(shared.disk.exists());
     }
 
     #[test]
