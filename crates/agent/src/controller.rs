@@ -42,17 +42,51 @@ pub struct Controller {
     register: RegisterHost,
 }
 
-/// A controller answer that is not a success.
+/// Why a call to the controller failed.
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+pub enum CallError {
     #[error("the controller refused this host's token (was the host removed? restart the agent with --join-token to join again)")]
     Unauthorized,
-    #[error("controller: {0}")]
-    Api(ApiError),
+    /// The controller answered with an error: its status and kumo's error
+    /// body ([`ApiError`]).
+    #[error("the controller answered {status}: {error}")]
+    Refused {
+        status: reqwest::StatusCode,
+        error: ApiError,
+    },
+    /// An error status without kumo's error body (a proxy in between, or
+    /// a controller of another version).
+    #[error("the controller answered {status}: {body}")]
+    Status {
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    /// No answer: connecting failed, or the connection broke or timed out.
     #[error("controller unreachable")]
-    Http(#[from] reqwest::Error),
-    #[error("{0}")]
-    Local(String),
+    Unreachable(#[source] reqwest::Error),
+    /// A success whose body is not what was asked for.
+    #[error("reading the controller's answer")]
+    Answer(#[source] reqwest::Error),
+    /// A step on this host after the call.
+    #[error("{what}")]
+    Local {
+        what: &'static str,
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl CallError {
+    /// The controller refused the request itself (a 4xx other than a
+    /// refused token): asking again will not help.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            CallError::Refused { status, .. } | CallError::Status { status, .. } => {
+                status.is_client_error()
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Controller {
@@ -64,7 +98,7 @@ impl Controller {
         hypervisor: HypervisorInfo,
     ) -> anyhow::Result<(Controller, String)> {
         let path = config.data_dir.join(IDENTITY);
-        let known: Option<Identity> = match std::fs::read(&path) {
+        let known: Option<Identity> = match tokio::fs::read(&path).await {
             Ok(b) => Some(serde_json::from_slice(&b).context("reading the identity file")?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
@@ -113,13 +147,21 @@ impl Controller {
                     tracing::warn!("the controller refused this host's token; joining anew with the join token");
                     c.identity.lock().expect("lock").host_token.clear();
                 }
+                // The controller refuses this host as it is now (another
+                // zone, a name taken by another host, a removed host
+                // without a join token): running on with what it knew
+                // before would report stale capacity, so stop and say why.
+                Err(e) if e.is_refusal() || matches!(e, CallError::Unauthorized) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("the controller refused to register this host"));
+                }
                 Err(e) if known.is_some() => {
-                    tracing::warn!(error = %e, "could not update the registration; going on with the saved identity");
+                    tracing::warn!(error = %crate::Chain(&e), "could not update the registration; going on with the saved identity");
                     break;
                 }
-                Err(e @ CallError::Http(_)) if attempt < 60 => {
+                Err(e @ CallError::Unreachable(_)) if attempt < 60 => {
                     attempt += 1;
-                    tracing::warn!(error = %e, "controller not reachable yet; retrying");
+                    tracing::warn!(error = %crate::Chain(&e), "controller not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -145,15 +187,20 @@ impl Controller {
         if !token.is_empty() {
             req = req.bearer_auth(token);
         }
-        let r: RegisterHostResponse = Self::answer(req.send().await?).await?;
+        let resp = req.send().await.map_err(CallError::Unreachable)?;
+        let r: RegisterHostResponse = Self::answer(resp).await?;
         let identity = Identity {
             host_id: r.host_id,
             host_token: r.host_token,
             agent_secret: self.register.agent_secret.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&identity).expect("identity serializes");
-        kumo_private_fs::write_file(&data_dir.join(IDENTITY), &bytes)
-            .map_err(|e| CallError::Local(format!("saving the identity: {e:#}")))?;
+        ledger::write_atomic(data_dir.join(IDENTITY), bytes)
+            .await
+            .map_err(|source| CallError::Local {
+                what: "saving the identity",
+                source,
+            })?;
         *self.identity.lock().expect("lock") = identity;
         tracing::info!(host_id = %r.host_id, "joined the pool");
         Ok(())
@@ -163,19 +210,34 @@ impl Controller {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T, CallError> {
-        Self::answer(req.bearer_auth(self.token()).send().await?).await
+        let resp = req
+            .bearer_auth(self.token())
+            .send()
+            .await
+            .map_err(CallError::Unreachable)?;
+        Self::answer(resp).await
     }
 
+    /// The answer's body as `T`, or why there is none: an error status
+    /// carries the controller's own message when the body is kumo's error.
     async fn answer<T: serde::de::DeserializeOwned>(
         resp: reqwest::Response,
     ) -> Result<T, CallError> {
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(CallError::Unauthorized);
         }
-        if !resp.status().is_success() {
-            return Err(CallError::Api(resp.json().await?));
+        if !status.is_success() {
+            let body = resp.bytes().await.map_err(CallError::Unreachable)?;
+            return Err(match serde_json::from_slice::<ApiError>(&body) {
+                Ok(error) => CallError::Refused { status, error },
+                Err(_) => CallError::Status {
+                    status,
+                    body: kumo_api::bounded_message(String::from_utf8_lossy(&body).into_owned()),
+                },
+            });
         }
-        Ok(resp.json().await?)
+        resp.json().await.map_err(CallError::Answer)
     }
 
     pub fn image_url(&self, id: Uuid) -> (String, String) {
@@ -210,12 +272,10 @@ pub async fn heartbeats(shared: Arc<Shared>) {
         }
         // Simulated hosts report their guests' simulated load, not the
         // machine's they share.
-        let load = match shared.driver {
-            crate::driver::Driver::Sim(_) => {
-                crate::driver::sim::host_load(&vms, shared.controller.register.capacity.vcpus)
-            }
-            _ => meter.sample(),
-        };
+        let load = shared
+            .driver
+            .simulated_load(&vms, shared.controller.register.capacity.vcpus)
+            .unwrap_or_else(|| meter.sample());
         let hb = Heartbeat {
             load,
             applied_generation: applied,
@@ -230,11 +290,13 @@ pub async fn heartbeats(shared: Arc<Shared>) {
             Ok(answer) if !shared.config.long_poll && (first || answer.generation != applied) => {
                 match sync_desired(&shared, None, first).await {
                     Ok(()) => first = false,
-                    Err(e) => tracing::warn!(error = %e, "fetching the desired state"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::Chain(&e), "fetching the desired state")
+                    }
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "heartbeat"),
+            Err(e) => tracing::warn!(error = %crate::Chain(&e), "heartbeat"),
         }
     }
 }
@@ -248,7 +310,7 @@ pub async fn follow_desired(shared: Arc<Shared>) {
         match sync_desired(&shared, wait, first).await {
             Ok(()) => first = false,
             Err(e) => {
-                tracing::warn!(error = %e, "fetching the desired state");
+                tracing::warn!(error = %crate::Chain(&e), "fetching the desired state");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -275,7 +337,11 @@ async fn sync_desired(
     // that was removed and joined anew under this name.
     if force || desired.generation != after {
         ledger::store(&shared.config.data_dir, &desired)
-            .map_err(|e| CallError::Local(format!("persisting the desired state: {e:#}")))?;
+            .await
+            .map_err(|source| CallError::Local {
+                what: "persisting the desired state",
+                source,
+            })?;
         vm::apply(shared, desired).await;
     }
     Ok(())

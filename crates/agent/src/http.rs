@@ -22,7 +22,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         .route("/v1/status", get(status))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "agent endpoint stopped");
+        tracing::error!(error = %crate::Chain(&e), "agent endpoint stopped");
     }
 }
 
@@ -99,7 +99,7 @@ async fn console(
                 let mut io = hyper_util::rt::TokioIo::new(upgraded);
                 let _ = tokio::io::copy_bidirectional(&mut io, &mut serial).await;
             }
-            Err(e) => tracing::warn!(error = %e, "console upgrade"),
+            Err(e) => tracing::warn!(error = %crate::Chain(&e), "console upgrade"),
         }
     });
     Response::builder()

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 pub use driver::qemu::live_pid as qemu_pid;
-pub use driver::qemu::{Launch, MachineSpec};
+pub use driver::qemu::{DiskFiles, Launch, MachineSpec};
 pub use driver::{Accel, DriverKind};
 
 #[derive(Clone, Debug)]
@@ -77,18 +77,29 @@ pub struct CapacityOverride {
 /// Shared between the agent's tasks.
 pub(crate) struct Shared {
     pub config: Config,
-    pub driver: driver::Driver,
-    pub controller: controller::Controller,
+    pub driver: Box<dyn driver::Hypervisor>,
+    pub controller: Arc<controller::Controller>,
     pub agent_secret: String,
     pub vms: Mutex<HashMap<Uuid, vm::VmHandle>>,
     pub applied: Mutex<DesiredState>,
-    /// One lock per image being fetched, so two VMs never download it twice.
-    pub image_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Send a heartbeat now (a migration step other hosts wait for).
     pub report_now: tokio::sync::Notify,
-    /// The address guests migrating in are received on: the one the
-    /// controller reaches the agent at.
-    pub migration_ip: String,
+}
+
+/// An error and its sources, `outer: inner: innermost`, for logs (what
+/// `{:#}` prints of an `anyhow::Error`, for typed errors).
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// A running agent; dropping it stops its tasks (guests keep running).
@@ -126,7 +137,7 @@ fn make_data_dir_private(dir: &Path) -> Result<(), kumo_private_fs::Error> {
 /// then follow the controller.
 pub async fn start(config: Config) -> anyhow::Result<Agent> {
     make_data_dir_private(&config.data_dir)?;
-    let driver = driver::Driver::probe(
+    let probed = driver::Probed::probe(
         config.driver,
         config.accel,
         &config.data_dir,
@@ -150,13 +161,23 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         (None, None) => String::new(),
     };
     let (controller, agent_secret) =
-        controller::Controller::connect(&config, &address, capacity, driver.info()).await?;
+        controller::Controller::connect(&config, &address, capacity, probed.info()).await?;
+    let controller = Arc::new(controller);
     let host_id = controller.host_id();
-    let ledger = ledger::load(&config.data_dir)?;
+    let ledger = ledger::load(&config.data_dir).await?;
+    // Guests migrating in are received on the address the controller
+    // reaches the agent at.
     let migration_ip = reqwest::Url::parse(&address)
         .ok()
         .and_then(|u| u.host_str().map(str::to_string))
         .unwrap_or_else(|| "127.0.0.1".into());
+    let image_dir = match &config.datastore {
+        Some(ds) => ds.path.join("images"),
+        None => config.data_dir.join("images"),
+    };
+    let images =
+        driver::images::ImageCache::new(image_dir, config.name.clone(), controller.clone());
+    let driver = probed.into_driver(Arc::new(images), migration_ip);
     let shared = Arc::new(Shared {
         config,
         driver,
@@ -164,9 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
         agent_secret,
         vms: Mutex::new(HashMap::new()),
         applied: Mutex::new(DesiredState::default()),
-        image_locks: Mutex::new(HashMap::new()),
         report_now: tokio::sync::Notify::new(),
-        migration_ip,
     });
     vm::remove_orphans(&shared, ledger.as_ref()).await;
     if let Some(desired) = ledger {

@@ -99,7 +99,7 @@ pub async fn remove_orphans(shared: &Shared, ledger: Option<&DesiredState>) {
             let mut guest = shared.driver.guest(id);
             // A shared disk may be another host's guest's now.
             if let Err(e) = guest.remove(true).await {
-                tracing::warn!(vm = %id, error = %e, "removing orphan");
+                tracing::warn!(vm = %id, error = %format_args!("{e:#}"), "removing orphan");
             }
         }
     }
@@ -133,7 +133,7 @@ fn spawn(shared: Arc<Shared>, spec: VmSpec) -> VmHandle {
 
 struct Actor {
     shared: Arc<Shared>,
-    guest: Guest,
+    guest: Box<dyn Guest>,
     status: Arc<std::sync::Mutex<VmStatus>>,
     /// The power state of the last spec seen; `None` before the first.
     last_power: Option<PowerState>,
@@ -188,7 +188,9 @@ async fn run(
                     vms.remove(&id);
                     return;
                 }
-                Err(e) => tracing::warn!(vm = %id, error = %e, "removing guest; will retry"),
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %format_args!("{e:#}"), "removing guest; will retry")
+                }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -223,10 +225,10 @@ async fn run(
 impl Actor {
     /// Reboot requests carried out, kept with the guest so that an agent
     /// restart neither repeats nor forgets one.
-    fn mark_reboots(&mut self, n: u64) {
+    async fn mark_reboots(&mut self, n: u64) {
         if self.reboots_done != Some(n) {
             self.reboots_done = Some(n);
-            self.guest.save_reboots(n);
+            self.guest.save_reboots(n).await;
         }
     }
 
@@ -249,7 +251,7 @@ impl Actor {
     /// Target: run the QEMU waiting for the guest and report where the
     /// migration stands.
     async fn receive(&mut self, spec: &VmSpec, id: uuid::Uuid, storage: MigrationStorage) {
-        let m = self.guest.incoming(&self.shared, spec, id, storage).await;
+        let m = self.guest.incoming(spec, id, storage).await;
         let before = self.status.lock().expect("lock").migration.clone();
         let news = before.as_ref().is_none_or(|b| b.state != m.state);
         if news {
@@ -283,7 +285,7 @@ impl Actor {
             // A stopped VM moves cold: its QEMU starts, vCPUs stopped, only
             // to send it.
             let started = match spec.power {
-                PowerState::Stopped => self.guest.start_paused(&self.shared, spec).await,
+                PowerState::Stopped => self.guest.start_paused(spec).await,
                 PowerState::Running => Err(anyhow::anyhow!("the guest is not running here")),
             };
             if let Err(e) = started {
@@ -336,17 +338,17 @@ impl Actor {
         // asked for just before the agent died is still owed).
         let done = match self.reboots_done {
             Some(done) => done,
-            None => self.guest.saved_reboots().unwrap_or(spec.reboots),
+            None => self.guest.saved_reboots().await.unwrap_or(spec.reboots),
         };
         match spec.power {
             PowerState::Running if running => {
                 if spec.reboots > done {
                     tracing::info!(vm = %spec.name, "rebooting");
                     if let Err(e) = self.guest.reset().await {
-                        tracing::warn!(vm = %spec.name, error = %e, "reset");
+                        tracing::warn!(vm = %spec.name, error = %format_args!("{e:#}"), "reset");
                     }
                 }
-                self.mark_reboots(spec.reboots);
+                self.mark_reboots(spec.reboots).await;
                 self.failed = false;
                 self.report(ObservedState::Running, spec.reboots, None);
             }
@@ -356,8 +358,8 @@ impl Actor {
                 if asked {
                     self.report(ObservedState::Starting, spec.reboots, None);
                     tracing::info!(vm = %spec.name, "starting");
-                    self.mark_reboots(spec.reboots);
-                    match self.guest.start(&self.shared, spec).await {
+                    self.mark_reboots(spec.reboots).await;
+                    match self.guest.start(spec).await {
                         Ok(()) => {
                             self.failed = false;
                             self.report(ObservedState::Running, spec.reboots, None);
@@ -378,10 +380,10 @@ impl Actor {
                     self.report(ObservedState::Stopping, spec.reboots, None);
                     tracing::info!(vm = %spec.name, "stopping");
                     if let Err(e) = self.guest.shutdown(self.shared.config.stop_timeout).await {
-                        tracing::warn!(vm = %spec.name, error = %e, "stop");
+                        tracing::warn!(vm = %spec.name, error = %format_args!("{e:#}"), "stop");
                     }
                 }
-                self.mark_reboots(spec.reboots);
+                self.mark_reboots(spec.reboots).await;
                 self.failed = false;
                 let state = if self.guest.is_running().await {
                     ObservedState::Stopping
@@ -403,10 +405,10 @@ impl Actor {
                 .vms
                 .iter()
                 .filter(|v| v.id != spec.id)
-                .flat_map(|v| v.cores.iter().copied())
+                .flat_map(|v| v.machine.cpu.cores.iter().copied())
                 .collect();
-            if let Err(e) = self.guest.pin(&spec.cores, &reserved).await {
-                tracing::warn!(vm = %spec.name, error = %format!("{e:#}"), "pinning");
+            if let Err(e) = self.guest.pin(&spec.machine.cpu.cores, &reserved).await {
+                tracing::warn!(vm = %spec.name, error = %format_args!("{e:#}"), "pinning");
             }
         }
         self.status.lock().expect("lock").cpu_percent = self.guest.cpu_percent(spec);

@@ -353,6 +353,58 @@ async fn host_names_cannot_be_taken_over_and_removed_hosts_rejoin_afresh() {
     wait_vm(&c, "b", VmState::Running, T).await.unwrap();
 }
 
+/// An agent restarted with another zone is refused by the controller when
+/// it registers again: it exits non-zero, printing the controller's reason,
+/// instead of running on with what the controller knew of it before.
+#[tokio::test]
+async fn an_agent_whose_registration_is_refused_exits_with_the_reason() {
+    let cloud = SimCloud::start(Duration::from_millis(600)).await.unwrap();
+    cloud.zone("z1").await.unwrap();
+    cloud.zone("z2").await.unwrap();
+    let config = cloud.agent_config("h9", "z1");
+    let agent = |zone: &str| {
+        let mut cmd = std::process::Command::new(kumo_testkit::bin("kumo-agent"));
+        cmd.args(["--driver", "sim", "--name", "h9", "--zone", zone])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--controller",
+                &config.controller,
+            ])
+            .arg("--data-dir")
+            .arg(&config.data_dir)
+            .env("KUMO_JOIN_TOKEN", config.join_token.as_deref().unwrap())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let mut first = agent("z1");
+    kumo_testkit::wait_host_ready(&cloud.client, "h9")
+        .await
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let moved = agent("z2");
+    let out = tokio::time::timeout(
+        T,
+        tokio::task::spawn_blocking(move || moved.wait_with_output()),
+    )
+    .await
+    .expect("the refused agent exits")
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("409 Conflict") && stderr.contains("is registered in zone \"z1\""),
+        "{stderr}"
+    );
+    // Nothing changed: the host is still in its zone.
+    assert_eq!(cloud.client.host("h9").await.unwrap().zone, "z1");
+}
+
 /// The scheduler through the API: requirements over host labels, dedicated
 /// cores, overcommit, policies, capacity planning, and malformed input.
 #[tokio::test]

@@ -1,15 +1,21 @@
-//! Hypervisor drivers: `qemu` runs real guests; `sim` pretends, with no
-//! processes, so the controller can be tested fast and at scale.
+//! Hypervisor drivers behind two traits: a [`Hypervisor`] per host hands
+//! out one [`Guest`] per VM. `qemu` runs real guests; `sim` pretends, with
+//! no processes, so the controller can be tested fast and at scale.
+//!
+//! A driver is built from what it needs (its directories, the image
+//! cache, the address guests migrate in on), never from the agent's whole
+//! shared state; each guest is built from its VM's [`kumo_api::Machine`].
 
-mod images;
+pub mod images;
 pub mod qemu;
 mod qemu_migrate;
 pub mod sim;
 
-use crate::Shared;
-use kumo_api::{HypervisorInfo, MigrationStatus, MigrationStorage, VmSpec};
+use async_trait::async_trait;
+use kumo_api::{HostLoad, HypervisorInfo, MigrationStatus, MigrationStorage, VmSpec, VmStatus};
 pub use qemu_migrate::Outgoing;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -27,183 +33,121 @@ pub enum Accel {
     Tcg,
 }
 
-pub enum Driver {
+/// A driver found on the host, before it has what its guests need from
+/// the rest of the agent (the image cache needs the controller, which
+/// needs the driver's [`HypervisorInfo`] to register).
+pub enum Probed {
     Qemu(qemu::Qemu),
-    Sim(sim::Sim),
+    Sim,
 }
 
-impl Driver {
+impl Probed {
     pub async fn probe(
         kind: DriverKind,
         accel: Accel,
         data_dir: &Path,
         datastore: Option<&Path>,
-    ) -> anyhow::Result<Driver> {
+    ) -> anyhow::Result<Probed> {
         Ok(match kind {
-            DriverKind::Qemu => Driver::Qemu(qemu::Qemu::probe(accel, data_dir, datastore).await?),
-            DriverKind::Sim => Driver::Sim(sim::Sim),
+            DriverKind::Qemu => Probed::Qemu(qemu::Qemu::probe(accel, data_dir, datastore).await?),
+            DriverKind::Sim => Probed::Sim,
         })
     }
 
     pub fn info(&self) -> HypervisorInfo {
         match self {
-            Driver::Qemu(q) => q.info(),
-            Driver::Sim(_) => HypervisorInfo {
-                driver: "sim".into(),
-                version: None,
-                accel: "none".into(),
-            },
+            Probed::Qemu(q) => q.info(),
+            Probed::Sim => sim::Sim.info(),
         }
     }
 
-    pub fn guest(&self, id: Uuid) -> Guest {
+    /// The driver, given the image cache and the address guests migrating
+    /// in are received on.
+    pub fn into_driver(
+        self,
+        images: Arc<images::ImageCache>,
+        migration_ip: String,
+    ) -> Box<dyn Hypervisor> {
         match self {
-            Driver::Qemu(q) => Guest::Qemu(q.guest(id)),
-            Driver::Sim(s) => Guest::Sim(s.guest(id)),
+            Probed::Qemu(q) => Box::new(q.ready(images, migration_ip)),
+            Probed::Sim => Box::new(sim::Sim),
         }
     }
+}
+
+/// One host's hypervisor.
+pub trait Hypervisor: Send + Sync {
+    fn info(&self) -> HypervisorInfo;
+
+    fn guest(&self, id: Uuid) -> Box<dyn Guest>;
 
     /// Ids of the guests that have state on this host.
-    pub fn guests_on_disk(&self) -> Vec<Uuid> {
-        match self {
-            Driver::Qemu(q) => q.guests_on_disk(),
-            Driver::Sim(_) => Vec::new(),
-        }
-    }
+    fn guests_on_disk(&self) -> Vec<Uuid>;
 
     /// The guest's serial console log and socket, for real guests.
-    pub fn console_paths(&self, id: Uuid) -> Option<(PathBuf, PathBuf)> {
-        match self {
-            Driver::Qemu(q) => Some(q.console_paths(id)),
-            Driver::Sim(_) => None,
-        }
-    }
+    fn console_paths(&self, id: Uuid) -> Option<(PathBuf, PathBuf)>;
+
+    /// The host's load as the driver simulates it from its guests'
+    /// `statuses` over `vcpus`; `None` when it is the machine's, measured.
+    fn simulated_load(&self, statuses: &[VmStatus], vcpus: u32) -> Option<HostLoad>;
 }
 
 /// One guest, as the VM actor drives it.
-pub enum Guest {
-    Qemu(qemu::QemuGuest),
-    Sim(sim::SimGuest),
-}
+#[async_trait]
+pub trait Guest: Send {
+    async fn is_running(&mut self) -> bool;
 
-impl Guest {
-    pub async fn is_running(&mut self) -> bool {
-        match self {
-            Guest::Qemu(g) => g.is_running().await,
-            Guest::Sim(g) => g.is_running(),
-        }
-    }
+    /// Build the guest from `spec.machine` and start it.
+    async fn start(&mut self, spec: &VmSpec) -> anyhow::Result<()>;
 
-    pub async fn start(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.start(shared, spec).await,
-            Guest::Sim(g) => g.start(),
-        }
-    }
+    /// Source of a stopped VM's move: a guest with its vCPUs stopped.
+    async fn start_paused(&mut self, spec: &VmSpec) -> anyhow::Result<()>;
 
-    pub async fn pin(
+    /// Keep the guest's threads on `cores` (one per vCPU; empty: a shared
+    /// VM) and off `reserved` (cores dedicated to other VMs).
+    async fn pin(
         &mut self,
         cores: &[u32],
         reserved: &std::collections::BTreeSet<u32>,
-    ) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.pin(cores, reserved).await,
-            Guest::Sim(_) => Ok(()),
-        }
-    }
+    ) -> anyhow::Result<()>;
 
-    pub async fn reset(&mut self) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.reset().await,
-            Guest::Sim(_) => Ok(()),
-        }
-    }
+    async fn reset(&mut self) -> anyhow::Result<()>;
 
     /// ACPI power button; a hard stop if the guest is still up after `timeout`.
-    pub async fn shutdown(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.shutdown(timeout).await,
-            Guest::Sim(g) => g.stop(),
-        }
-    }
+    async fn shutdown(&mut self, timeout: Duration) -> anyhow::Result<()>;
 
-    /// Stop hard and remove what the guest has on the host, its disk on a
+    /// Stop hard and remove what the guest has on the host, its disks on a
     /// shared datastore too unless `keep_shared_disk`.
-    pub async fn remove(&mut self, keep_shared_disk: bool) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.remove(keep_shared_disk).await,
-            Guest::Sim(g) => g.stop(),
-        }
-    }
+    async fn remove(&mut self, keep_shared_disk: bool) -> anyhow::Result<()>;
 
-    /// Target: get ready for (or follow) a guest migrating in.
-    pub async fn incoming(
+    /// Target: get ready for (or follow) migration `id` of the guest in.
+    async fn incoming(
         &mut self,
-        shared: &Shared,
         spec: &VmSpec,
-        id: uuid::Uuid,
+        id: Uuid,
         storage: MigrationStorage,
-    ) -> MigrationStatus {
-        match self {
-            Guest::Qemu(g) => {
-                g.incoming(shared, spec, id, storage, &shared.migration_ip)
-                    .await
-            }
-            Guest::Sim(g) => g.incoming(id),
-        }
-    }
+    ) -> MigrationStatus;
 
-    /// Target: the guest is this host's now; how its migration ended, the
+    /// Target: the guest is this host's now; end what receiving it left
+    /// (before it may leave again) and say how its migration ended, the
     /// first time this is asked (`running`: the guest is meant to run).
-    pub async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus> {
-        match self {
-            Guest::Qemu(g) => g.finish_incoming(running).await,
-            Guest::Sim(_) => None,
-        }
-    }
-
-    /// Source of a stopped VM's move: a QEMU with the guest's vCPUs stopped.
-    pub async fn start_paused(&mut self, shared: &Shared, spec: &VmSpec) -> anyhow::Result<()> {
-        match self {
-            Guest::Qemu(g) => g.start_paused(shared, spec).await,
-            Guest::Sim(_) => Ok(()),
-        }
-    }
+    async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus>;
 
     /// Source: send the guest to the target.
-    pub async fn outgoing(
+    async fn outgoing(
         &mut self,
         spec: &VmSpec,
         out: &Outgoing<'_>,
         report: &(dyn Fn(MigrationStatus) + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
-    ) -> MigrationStatus {
-        match self {
-            Guest::Qemu(g) => g.outgoing(out, report, cancelled).await,
-            Guest::Sim(g) => g.outgoing(spec, out.id, report, cancelled).await,
-        }
-    }
+    ) -> MigrationStatus;
 
-    pub fn saved_reboots(&self) -> Option<u64> {
-        match self {
-            Guest::Qemu(g) => g.saved_reboots(),
-            Guest::Sim(_) => None,
-        }
-    }
+    /// Reboot requests carried out, as kept with the guest on the host.
+    async fn saved_reboots(&self) -> Option<u64>;
 
-    pub fn save_reboots(&mut self, n: u64) {
-        match self {
-            Guest::Qemu(g) => g.save_reboots(n),
-            Guest::Sim(_) => {}
-        }
-    }
+    async fn save_reboots(&mut self, n: u64);
 
     /// The guest's CPU use since the last call, percent of one CPU (for
     /// simulated guests: what `spec`'s metadata says).
-    pub fn cpu_percent(&mut self, spec: &VmSpec) -> Option<f32> {
-        match self {
-            Guest::Qemu(g) => g.cpu_percent(),
-            Guest::Sim(g) => g.cpu_percent(spec),
-        }
-    }
+    fn cpu_percent(&mut self, spec: &VmSpec) -> Option<f32>;
 }

@@ -1,11 +1,14 @@
 //! Live migration of real guests, QEMU to QEMU.
 //!
 //! Target: a QEMU with the same devices starts with `-incoming defer` and
-//! listens (`migrate-incoming tcp:IP:0`); for local storage it first gets a
-//! fresh overlay of the image and exports it writable over NBD. Source: for
-//! local storage `drive-mirror` (sync `top`: only what the guest wrote, the
-//! image is on both hosts; `write-blocking`, so the copy stays in step once
-//! ready) copies the disk into that export; then `migrate` sends memory,
+//! listens (`migrate-incoming tcp:IP:0`); for local storage it first gets
+//! fresh disks (overlays of their images, blank ones) and exports each
+//! writable over one NBD server, under the disk's id. Source: for local
+//! storage one `drive-mirror` job per disk (sync `top`: only what the guest
+//! wrote, an image is on both hosts; `write-blocking`, so the copy stays in
+//! step once ready) copies each disk into its export, and memory moves only
+//! once every job is ready; a failure or a cancel cancels them all. Then
+//! `migrate` sends memory,
 //! with auto-converge for busy guests and the downtime limit asked for. The
 //! target resumes the guest itself when the last copy lands, so the guest's
 //! pause never waits for the control plane.
@@ -19,9 +22,11 @@
 //! carrying out instead of starting another.
 
 use super::qemu::{DiskSetup, Launch, QemuGuest};
-use crate::Shared;
+use crate::ledger;
 use anyhow::Context;
-use kumo_api::{MigrationProgress, MigrationState, MigrationStatus, MigrationStorage, VmSpec};
+use kumo_api::{
+    Disk, MigrationProgress, MigrationState, MigrationStatus, MigrationStorage, VmSpec,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -29,7 +34,8 @@ use uuid::Uuid;
 
 const INCOMING: &str = "incoming.json";
 const OUTGOING: &str = "outgoing";
-const MIRROR_JOB: &str = "mirror0";
+/// The prefix of the mirror job of each disk (`mirror-disk0`).
+const MIRROR_JOB: &str = "mirror-";
 /// How often the source looks at the transfer.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a guest whose transfer completed may take to run on its
@@ -90,29 +96,28 @@ impl QemuGuest {
         }
     }
 
-    fn read_note<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Option<T> {
-        serde_json::from_slice(&std::fs::read(self.path(name)).ok()?).ok()
+    async fn read_note<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Option<T> {
+        serde_json::from_slice(&tokio::fs::read(self.path(name)).await.ok()?).ok()
     }
 
-    fn write_note<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
+    async fn write_note<T: Serialize>(&self, name: &str, value: &T) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(value)?;
-        Ok(kumo_private_fs::write_file(&self.path(name), &bytes)?)
+        ledger::write_atomic(self.path(name), bytes).await
     }
 
     /// Target: start (or find) the QEMU waiting for the guest, and say
     /// where the migration stands.
-    pub async fn incoming(
+    pub(super) async fn migrate_in(
         &mut self,
-        shared: &Shared,
         spec: &VmSpec,
         id: Uuid,
         storage: MigrationStorage,
-        ip: &str,
     ) -> MigrationStatus {
         let note = self
             .read_note::<IncomingNote>(INCOMING)
+            .await
             .filter(|n| n.id == id);
-        let running = self.is_running().await;
+        let running = self.attach().await;
         match (note, running) {
             (Some(note), true) => {
                 let qmp = match self.qmp() {
@@ -121,7 +126,7 @@ impl QemuGuest {
                 };
                 match qmp.query_status().await {
                     Ok(s) if s.running => MigrationStatus {
-                        event_us: self.resumed_us(),
+                        event_us: self.resumed_us().await,
                         ..MigrationStatus::new(id, MigrationState::Completed)
                     },
                     // Still receiving (a failed transfer makes QEMU exit).
@@ -141,7 +146,7 @@ impl QemuGuest {
                     // A QEMU from an earlier attempt.
                     let _ = self.kill().await;
                 }
-                match self.listen(shared, spec, id, storage, ip).await {
+                match self.listen(spec, id, storage).await {
                     Ok(note) => MigrationStatus {
                         uri: Some(note.uri),
                         nbd: note.nbd,
@@ -157,12 +162,13 @@ impl QemuGuest {
     }
 
     /// When the guest resumed here, kept once seen.
-    fn resumed_us(&mut self) -> Option<u64> {
+    async fn resumed_us(&mut self) -> Option<u64> {
         if let Some(t) = self.last_event("RESUME") {
-            let _ = std::fs::write(self.path("resumed_us"), t.to_string());
+            let _ = tokio::fs::write(self.path("resumed_us"), t.to_string()).await;
             return Some(t);
         }
-        std::fs::read_to_string(self.path("resumed_us"))
+        tokio::fs::read_to_string(self.path("resumed_us"))
+            .await
             .ok()?
             .trim()
             .parse()
@@ -171,19 +177,19 @@ impl QemuGuest {
 
     async fn listen(
         &mut self,
-        shared: &Shared,
         spec: &VmSpec,
         id: Uuid,
         storage: MigrationStorage,
-        ip: &str,
     ) -> anyhow::Result<IncomingNote> {
         let setup = match storage {
             MigrationStorage::Shared => DiskSetup::Existing,
             MigrationStorage::Local => DiskSetup::Fresh,
         };
-        let image = self.prepare(shared, spec, setup).await?;
-        let _ = std::fs::remove_file(self.path("resumed_us"));
-        self.launch(spec, &image, Launch::Incoming).await?;
+        let disks = self.prepare(spec, setup).await?;
+        let _ = tokio::fs::remove_file(self.path("resumed_us")).await;
+        self.launch(spec, &disks, Launch::Incoming).await?;
+        let ip = self.migration_ip.clone();
+        let ip = &*ip;
         let qmp = self.qmp()?;
         let nbd = match storage {
             MigrationStorage::Shared => None,
@@ -195,13 +201,16 @@ impl QemuGuest {
                 )
                 .await
                 .context("starting the NBD server")?;
-                qmp.execute(
-                    "block-export-add",
-                    Some(json!({"type": "nbd", "id": "disk0", "node-name": "disk0", "name": "disk0", "writable": true})),
-                )
-                .await
-                .context("exporting the disk")?;
-                Some(format!("nbd:{ip}:{port}:exportname=disk0"))
+                for disk in &spec.machine.disks {
+                    let d = &disk.id;
+                    qmp.execute(
+                        "block-export-add",
+                        Some(json!({"type": "nbd", "id": d, "node-name": d, "name": d, "writable": true})),
+                    )
+                    .await
+                    .with_context(|| format!("exporting disk {d}"))?;
+                }
+                Some(format!("nbd:{ip}:{port}"))
             }
         };
         qmp.execute(
@@ -219,7 +228,7 @@ impl QemuGuest {
             uri: format!("tcp:{ip}:{port}"),
             nbd,
         };
-        self.write_note(INCOMING, &note)?;
+        self.write_note(INCOMING, &note).await?;
         tracing::info!(dir = %self.dir.display(), uri = %note.uri, "waiting for a guest migrating in");
         Ok(note)
     }
@@ -234,15 +243,15 @@ impl QemuGuest {
     /// done the disk stays exported to the source, and a transfer from
     /// here would fail at its switch-over (QEMU cannot hand over a disk
     /// that another user still holds writable).
-    pub async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus> {
-        let note = self.read_note::<IncomingNote>(INCOMING)?;
+    pub(super) async fn finish_migrate_in(&mut self, running: bool) -> Option<MigrationStatus> {
+        let note = self.read_note::<IncomingNote>(INCOMING).await?;
         if !running {
             // It arrived stopped and stays so: its QEMU has done its job.
             if let Err(e) = self.kill().await {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "stopping the QEMU that received a stopped guest");
+                tracing::warn!(dir = %self.dir.display(), error = %format_args!("{e:#}"), "stopping the QEMU that received a stopped guest");
                 return None;
             }
-            let _ = std::fs::remove_file(self.path(INCOMING));
+            let _ = tokio::fs::remove_file(self.path(INCOMING)).await;
             return None;
         }
         let qmp = self.qmp().ok()?.clone();
@@ -261,39 +270,40 @@ impl QemuGuest {
         }
         let _ = qmp.execute("nbd-server-stop", None).await;
         let done = MigrationStatus {
-            event_us: self.resumed_us(),
+            event_us: self.resumed_us().await,
             ..MigrationStatus::new(note.id, MigrationState::Completed)
         };
-        let _ = std::fs::remove_file(self.path(INCOMING));
+        let _ = tokio::fs::remove_file(self.path(INCOMING)).await;
         Some(done)
     }
 
     /// Source: send the guest (or follow a transfer QEMU is already
     /// carrying out), reporting progress, until it completed, failed or was
     /// cancelled. The guest keeps running here unless it completed.
-    pub async fn outgoing(
+    pub(super) async fn migrate_out(
         &mut self,
+        spec: &VmSpec,
         out: &Outgoing<'_>,
         report: &(dyn Fn(MigrationStatus) + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> MigrationStatus {
         let note = self
             .read_note::<OutgoingNote>(OUTGOING)
+            .await
             .filter(|n| n.id == out.id);
         if let Some(result) = note.as_ref().and_then(|n| n.result.clone()) {
             return result;
         }
-        let result = match self.send(out, note.is_some(), report, cancelled).await {
+        let disks = &spec.machine.disks;
+        let result = match self
+            .send(disks, out, note.is_some(), report, cancelled)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 if let Ok(qmp) = self.qmp() {
                     let _ = qmp.execute("migrate_cancel", None).await;
-                    let _ = qmp
-                        .execute(
-                            "block-job-cancel",
-                            Some(json!({"device": MIRROR_JOB, "force": true})),
-                        )
-                        .await;
+                    cancel_mirrors(qmp, disks, true).await;
                 }
                 failed(out.id, e)
             }
@@ -302,8 +312,8 @@ impl QemuGuest {
             id: out.id,
             result: Some(result.clone()),
         };
-        if let Err(e) = self.write_note(OUTGOING, &note) {
-            tracing::warn!(error = %e, "noting how the migration ended");
+        if let Err(e) = self.write_note(OUTGOING, &note).await {
+            tracing::warn!(error = %format_args!("{e:#}"), "noting how the migration ended");
         }
         result
     }
@@ -312,6 +322,7 @@ impl QemuGuest {
     /// may have died since).
     async fn send(
         &mut self,
+        disks: &[Disk],
         out: &Outgoing<'_>,
         ours: bool,
         report: &(dyn Fn(MigrationStatus) + Sync),
@@ -335,7 +346,7 @@ impl QemuGuest {
             if cancelled() {
                 return Ok(MigrationStatus::new(out.id, MigrationState::Cancelled));
             }
-            if self.read_note::<IncomingNote>(INCOMING).is_some() {
+            if self.read_note::<IncomingNote>(INCOMING).await.is_some() {
                 anyhow::bail!("the guest has not finished arriving here from its last migration");
             }
             self.write_note(
@@ -344,7 +355,8 @@ impl QemuGuest {
                     id: out.id,
                     result: None,
                 },
-            )?;
+            )
+            .await?;
             qmp.execute(
                 "migrate-set-capabilities",
                 Some(json!({"capabilities": [{"capability": "auto-converge", "state": true}]})),
@@ -360,7 +372,7 @@ impl QemuGuest {
         if !sending {
             if let Some(nbd) = out.nbd {
                 let mirrored = self
-                    .mirror_disk(&qmp, out, nbd, &settings, report, cancelled)
+                    .mirror_disks(&qmp, disks, out, nbd, &settings, report, cancelled)
                     .await?;
                 if let Some(s) = mirrored {
                     return Ok(s);
@@ -381,10 +393,8 @@ impl QemuGuest {
                 "completed" => {
                     if out.nbd.is_some() {
                         // In step and idle (the guest is paused): finishing
-                        // the job leaves the target's copy whole.
-                        let _ = qmp
-                            .execute("block-job-cancel", Some(json!({"device": MIRROR_JOB})))
-                            .await;
+                        // the jobs leaves the target's copies whole.
+                        cancel_mirrors(&qmp, disks, false).await;
                     }
                     return Ok(MigrationStatus {
                         progress: Some(progress),
@@ -400,12 +410,7 @@ impl QemuGuest {
                     )
                 }
                 "cancelled" => {
-                    let _ = qmp
-                        .execute(
-                            "block-job-cancel",
-                            Some(json!({"device": MIRROR_JOB, "force": true})),
-                        )
-                        .await;
+                    cancel_mirrors(&qmp, disks, true).await;
                     return Ok(MigrationStatus::new(out.id, MigrationState::Cancelled));
                 }
                 "none" => anyhow::bail!("QEMU has no transfer under way"),
@@ -424,11 +429,14 @@ impl QemuGuest {
         }
     }
 
-    /// Copy the disk into the target's export until the copy keeps in
-    /// step; `Some` if the migration ended here (cancelled).
-    async fn mirror_disk(
+    /// Copy every disk into its export on the target (one job each) until
+    /// every copy keeps in step; `Some` if the migration ended here
+    /// (cancelled: every job is cancelled).
+    #[allow(clippy::too_many_arguments)]
+    async fn mirror_disks(
         &mut self,
         qmp: &kumo_qmp::Qmp,
+        disks: &[Disk],
         out: &Outgoing<'_>,
         nbd: &str,
         settings: &Settings,
@@ -436,33 +444,41 @@ impl QemuGuest {
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<Option<MigrationStatus>> {
         let started = Instant::now();
-        if find_job(&qmp.execute("query-block-jobs", None).await?).is_none() {
-            qmp.execute(
-                "drive-mirror",
-                Some(json!({
-                    "job-id": MIRROR_JOB, "device": "disk0", "target": nbd, "format": "raw",
-                    "sync": "top", "mode": "existing", "copy-mode": "write-blocking",
-                })),
-            )
-            .await
-            .context("mirroring the disk")?;
+        let jobs = qmp.execute("query-block-jobs", None).await?;
+        for disk in disks {
+            let job = mirror_job(disk);
+            if find_job(&jobs, &job).is_none() {
+                qmp.execute(
+                    "drive-mirror",
+                    Some(json!({
+                        "job-id": job, "device": disk.id,
+                        "target": format!("{nbd}:exportname={}", disk.id), "format": "raw",
+                        "sync": "top", "mode": "existing", "copy-mode": "write-blocking",
+                    })),
+                )
+                .await
+                .with_context(|| format!("mirroring disk {}", disk.id))?;
+            }
         }
         loop {
             let jobs = qmp.execute("query-block-jobs", None).await?;
-            let job = find_job(&jobs).context("the disk mirror stopped before it was in step")?;
-            let done = (
-                job["offset"].as_u64().unwrap_or(0),
-                job["len"].as_u64().unwrap_or(0),
-            );
-            if job["ready"].as_bool() == Some(true) {
+            let (mut done, mut ready) = ((0, 0), true);
+            for disk in disks {
+                let job = find_job(&jobs, &mirror_job(disk)).with_context(|| {
+                    format!(
+                        "the mirror of disk {} stopped before it was in step",
+                        disk.id
+                    )
+                })?;
+                done.0 += job["offset"].as_u64().unwrap_or(0);
+                done.1 += job["len"].as_u64().unwrap_or(0);
+                ready &= job["ready"].as_bool() == Some(true);
+            }
+            if ready {
                 return Ok(None);
             }
             if cancelled() {
-                qmp.execute(
-                    "block-job-cancel",
-                    Some(json!({"device": MIRROR_JOB, "force": true})),
-                )
-                .await?;
+                cancel_mirrors(qmp, disks, true).await;
                 return Ok(Some(MigrationStatus::new(
                     out.id,
                     MigrationState::Cancelled,
@@ -477,6 +493,23 @@ impl QemuGuest {
     }
 }
 
+fn mirror_job(disk: &Disk) -> String {
+    format!("{MIRROR_JOB}{}", disk.id)
+}
+
+/// Cancel the mirror job of every disk: `force`d, the copies are given up;
+/// otherwise a job in step ends with its copy whole.
+async fn cancel_mirrors(qmp: &kumo_qmp::Qmp, disks: &[Disk], force: bool) {
+    for disk in disks {
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({"device": mirror_job(disk), "force": force})),
+            )
+            .await;
+    }
+}
+
 /// What the source needs to send the guest.
 pub struct Outgoing<'a> {
     pub id: Uuid,
@@ -485,12 +518,10 @@ pub struct Outgoing<'a> {
     pub downtime_limit_ms: u64,
 }
 
-fn find_job(jobs: &Value) -> Option<&Value> {
-    jobs.as_array()?.iter().find(|j| j["device"] == MIRROR_JOB)
+fn find_job<'a>(jobs: &'a Value, job: &str) -> Option<&'a Value> {
+    jobs.as_array()?.iter().find(|j| j["device"] == job)
 }
 
-/// Transfer figures from `query-migrate` (or, while the disk is copied,
-/// the mirror job's offset and length).
 /// The transfer settings QEMU holds (read back, not assumed).
 struct Settings {
     auto_converge: bool,
@@ -512,6 +543,8 @@ impl Settings {
     }
 }
 
+/// Transfer figures from `query-migrate` (or, while the disks are copied,
+/// the mirror jobs' summed offsets and lengths).
 fn progress(
     q: &Value,
     disk: Option<(u64, u64)>,

@@ -7,18 +7,43 @@
 //! is the sum of its running guests' use over its vCPUs (see
 //! [`host_load`]).
 
+use super::{Guest, Hypervisor, Outgoing};
+use async_trait::async_trait;
 use kumo_api::{
-    HostLoad, MigrationProgress, MigrationState, MigrationStatus, ObservedState, VmSpec, VmStatus,
+    HostLoad, HypervisorInfo, MigrationProgress, MigrationState, MigrationStatus, MigrationStorage,
+    ObservedState, VmSpec, VmStatus,
 };
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Default)]
 pub struct Sim;
 
-impl Sim {
-    pub fn guest(&self, _id: Uuid) -> SimGuest {
-        SimGuest { running: false }
+impl Hypervisor for Sim {
+    fn info(&self) -> HypervisorInfo {
+        HypervisorInfo {
+            driver: "sim".into(),
+            version: None,
+            accel: "none".into(),
+        }
+    }
+
+    fn guest(&self, _id: Uuid) -> Box<dyn Guest> {
+        Box::new(SimGuest { running: false })
+    }
+
+    fn guests_on_disk(&self) -> Vec<Uuid> {
+        Vec::new()
+    }
+
+    fn console_paths(&self, _id: Uuid) -> Option<(PathBuf, PathBuf)> {
+        None
+    }
+
+    fn simulated_load(&self, statuses: &[VmStatus], vcpus: u32) -> Option<HostLoad> {
+        Some(host_load(statuses, vcpus))
     }
 }
 
@@ -41,33 +66,45 @@ pub fn host_load(statuses: &[VmStatus], vcpus: u32) -> HostLoad {
     }
 }
 
-impl SimGuest {
-    pub fn is_running(&self) -> bool {
+#[async_trait]
+impl Guest for SimGuest {
+    async fn is_running(&mut self) -> bool {
         self.running
     }
 
-    pub fn start(&mut self) -> anyhow::Result<()> {
+    async fn start(&mut self, _spec: &VmSpec) -> anyhow::Result<()> {
         self.running = true;
         Ok(())
     }
 
-    pub fn stop(&mut self) -> anyhow::Result<()> {
+    async fn start_paused(&mut self, _spec: &VmSpec) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn pin(&mut self, _cores: &[u32], _reserved: &BTreeSet<u32>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn reset(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&mut self, _timeout: Duration) -> anyhow::Result<()> {
         self.running = false;
         Ok(())
     }
 
-    /// What the VM's metadata says the guest uses, while it runs.
-    pub fn cpu_percent(&self, spec: &VmSpec) -> Option<f32> {
-        self.running.then(|| {
-            spec.metadata
-                .get("sim.cpu_percent")
-                .and_then(|v| v.parse::<f32>().ok())
-                .filter(|c| c.is_finite() && *c >= 0.0)
-                .unwrap_or(0.0)
-        })
+    async fn remove(&mut self, _keep_shared_disk: bool) -> anyhow::Result<()> {
+        self.running = false;
+        Ok(())
     }
 
-    pub fn incoming(&mut self, id: Uuid) -> MigrationStatus {
+    async fn incoming(
+        &mut self,
+        _spec: &VmSpec,
+        id: Uuid,
+        _storage: MigrationStorage,
+    ) -> MigrationStatus {
         self.running = true;
         MigrationStatus {
             uri: Some("sim:".into()),
@@ -75,15 +112,21 @@ impl SimGuest {
         }
     }
 
-    pub async fn outgoing(
+    async fn finish_incoming(&mut self, _running: bool) -> Option<MigrationStatus> {
+        None
+    }
+
+    async fn outgoing(
         &mut self,
         spec: &VmSpec,
-        id: Uuid,
+        out: &Outgoing<'_>,
         report: &(dyn Fn(MigrationStatus) + Sync),
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> MigrationStatus {
-        let bytes = spec.size.memory_mib << 20;
-        let steps = (spec.size.memory_mib / 1024).max(1) * 2;
+        let id = out.id;
+        let memory_mib = spec.machine.memory_mib;
+        let bytes = memory_mib << 20;
+        let steps = (memory_mib / 1024).max(1) * 2;
         for step in 0..steps {
             if cancelled() {
                 return MigrationStatus::new(id, MigrationState::Cancelled);
@@ -101,6 +144,23 @@ impl SimGuest {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         MigrationStatus::new(id, MigrationState::Completed)
+    }
+
+    async fn saved_reboots(&self) -> Option<u64> {
+        None
+    }
+
+    async fn save_reboots(&mut self, _n: u64) {}
+
+    /// What the VM's metadata says the guest uses, while it runs.
+    fn cpu_percent(&mut self, spec: &VmSpec) -> Option<f32> {
+        self.running.then(|| {
+            spec.metadata
+                .get("sim.cpu_percent")
+                .and_then(|v| v.parse::<f32>().ok())
+                .filter(|c| c.is_finite() && *c >= 0.0)
+                .unwrap_or(0.0)
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventor
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
-    HostState, HypervisorInfo, ImageRef, MigrationPhase, MigrationSpec, Millis, RegisterHost,
+    HostState, HypervisorInfo, MigrationPhase, MigrationSpec, Millis, RegisterHost,
     RegisterHostResponse, Resources, UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
 };
 use serde::{Deserialize, Serialize};
@@ -211,16 +211,9 @@ impl Inventory {
                 Some(VmSpec {
                     id: v.id,
                     name: v.name.clone(),
-                    size: v.size,
-                    image: ImageRef {
-                        id: image.id,
-                        sha256: image.sha256.clone(),
-                        format: image.format,
-                        size_bytes: image.size_bytes,
-                    },
+                    machine: super::machine::for_vm(v, image, cores),
                     power: v.power,
                     reboots: v.reboots,
-                    cores,
                     delete: v.state == VmState::Deleting,
                     migration,
                     metadata: v.metadata.clone(),

@@ -13,6 +13,7 @@ pub mod groups;
 pub mod hosts;
 pub mod images;
 pub mod join_tokens;
+pub mod machine;
 pub mod migrations;
 pub mod power;
 pub mod rebalance;

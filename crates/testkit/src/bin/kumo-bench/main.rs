@@ -366,17 +366,30 @@ async fn launch_direct(image: &Path, dir: &Path) -> Result<(Duration, Launch)> {
         ])
         .args([path("meta-data"), path("user-data")]))?;
     let prepared = t_prepare.elapsed();
-    let disk = dir.join("disk.qcow2");
+    let format = kumo_api::ImageFormat::Qcow2;
+    let size = kumo_api::Resources {
+        vcpus: 1,
+        memory_mib: 256,
+        disk_gib: 1,
+    };
+    let image_ref = kumo_api::ImageRef {
+        id: uuid::Uuid::nil(),
+        sha256: String::new(),
+        format,
+        size_bytes: 0,
+    };
+    let machine = kumo_api::Machine::single_disk(uuid::Uuid::nil(), size, image_ref, vec![]);
+    let disks = [kumo_agent::DiskFiles {
+        file: dir.join("disk.qcow2"),
+        base: Some((image.to_path_buf(), format)),
+    }];
     let argv = kumo_agent::MachineSpec {
         name: "direct",
         id: uuid::Uuid::nil(),
-        vcpus: 1,
-        memory_mib: 256,
+        machine: &machine,
         accel: "tcg",
         dir,
-        disk: &disk,
-        image,
-        image_format: kumo_api::ImageFormat::Qcow2,
+        disks: &disks,
         launch: kumo_agent::Launch::Run,
     }
     .argv();
