@@ -129,13 +129,27 @@ async fn last_tick(c: &Client, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The guest still counts where it now lives, beyond `after`.
-async fn still_counting(c: &Client, name: &str, after: u64) {
-    wait_until(Duration::from_secs(30), "the counter going on", || async {
+/// The guest still counts where it now lives, beyond `after`; if not, the
+/// end of its console and the migration diagnosis say where it stopped.
+async fn still_counting(cloud: &RealCloud, name: &str, after: u64) {
+    let c = &cloud.client;
+    let counting = wait_until(Duration::from_secs(30), "the counter going on", || async {
         (last_tick(c, name).await > after).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
+    if let Err(e) = counting {
+        let log = c
+            .console_log(name)
+            .await
+            .map(|l| l.text)
+            .unwrap_or_default();
+        let start = log.char_indices().rev().nth(399).map_or(0, |(i, _)| i);
+        let tail = &log[start..];
+        panic!(
+            "{e:#}: no tick beyond {after}; the console ends {tail:?}\n{}",
+            cloud.migration_diagnosis(name).await
+        );
+    }
 }
 
 /// Exactly one QEMU runs the VM, on the host its record names.
@@ -175,7 +189,7 @@ async fn a_counting_guest_moves_live_over_shared_and_local_storage() {
         on_one_host(&cloud, "web").await;
         // The guest kept running: it counts on, its uptime went on, it did
         // not boot again here, and its file is intact.
-        still_counting(c, "web", tick).await;
+        still_counting(&cloud, "web", tick).await;
         assert_eq!(cloud.boots("web").await.unwrap(), 0, "no boot on {to}");
         let now = uptime(&cloud, "web").await;
         assert!(now > up, "uptime {now} after {up}: the guest rebooted");
@@ -216,7 +230,7 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
     eprintln!("after a controller crash: {:?}", vm.last_migration);
     on_one_host(&cloud, "web").await;
     let tick = last_tick(&cloud.client, "web").await;
-    still_counting(&cloud.client, "web", tick).await;
+    still_counting(&cloud, "web", tick).await;
 
     // The source agent dies as it begins to send; whatever QEMU had begun
     // goes on by itself, and the restarted agent carries on from there.
@@ -250,7 +264,7 @@ async fn a_migration_survives_the_controller_or_the_source_agent_dying() {
     eprintln!("after a source agent crash: {:?}", vm.last_migration);
     on_one_host(&cloud, "web").await;
     let tick = last_tick(&cloud.client, "web").await;
-    still_counting(&cloud.client, "web", tick).await;
+    still_counting(&cloud, "web", tick).await;
 }
 
 /// The planned outage: zone z1's guests move to z2 through the CLI — live,
@@ -406,7 +420,7 @@ async fn a_cancelled_transfer_leaves_the_guest_running_where_it_was() {
     assert_eq!(vm.host, "h1");
     on_one_host(&cloud, "big").await;
     let tick = last_tick(c, "big").await;
-    still_counting(c, "big", tick).await;
+    still_counting(&cloud, "big", tick).await;
 }
 
 /// How many back-to-back migrations the stress test makes of each storage
@@ -503,7 +517,7 @@ async fn fifty_back_to_back_migrations_each_end_cleanly() {
     on_one_host(&cloud, "web").await;
     disk_where_due(&c.vm("web").await.unwrap().host);
     let tick = last_tick(c, "web").await;
-    still_counting(c, "web", tick).await;
+    still_counting(&cloud, "web", tick).await;
     assert_eq!(cloud.boots("web").await.unwrap(), 0, "the guest rebooted");
     for storage in [MigrationStorage::Shared, MigrationStorage::Local] {
         let runs: Vec<_> = ended.iter().filter(|l| l.storage == storage).collect();
