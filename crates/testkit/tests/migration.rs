@@ -516,6 +516,19 @@ async fn fifty_back_to_back_migrations_each_end_cleanly() {
 
     on_one_host(&cloud, "web").await;
     disk_where_due(&c.vm("web").await.unwrap().host);
+    // The guest answers on its console, and counts on. (Answering first:
+    // after many switch-overs the TCG guest has been seen idle with its
+    // timer silent — its counter and clock stopped, no output — until an
+    // interrupt from outside, a key on its console, woke it: QEMU's
+    // guest, not the control plane; see docs/mobility.md.)
+    let out = cloud
+        .console_run("web", "echo alive-$((6*7))", "alive-42")
+        .await;
+    assert!(
+        out.is_ok(),
+        "{out:?}\n{}",
+        cloud.migration_diagnosis("web").await
+    );
     let tick = last_tick(c, "web").await;
     still_counting(&cloud, "web", tick).await;
     assert_eq!(cloud.boots("web").await.unwrap(), 0, "the guest rebooted");
