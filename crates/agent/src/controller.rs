@@ -218,34 +218,45 @@ impl Controller {
         Self::answer(resp).await
     }
 
-    /// The answer's body as `T`, or why there is none: an error status
-    /// carries the controller's own message when the body is kumo's error.
+    /// The answer's body as `T`, or why there is none.
     async fn answer<T: serde::de::DeserializeOwned>(
         resp: reqwest::Response,
     ) -> Result<T, CallError> {
+        Self::success(resp)
+            .await?
+            .json()
+            .await
+            .map_err(CallError::Answer)
+    }
+
+    /// The answer if it is a success, else why not: an error status carries
+    /// the controller's own message when the body is kumo's error.
+    async fn success(resp: reqwest::Response) -> Result<reqwest::Response, CallError> {
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
             return Err(CallError::Unauthorized);
         }
-        if !status.is_success() {
-            let body = resp.bytes().await.map_err(CallError::Unreachable)?;
-            return Err(match serde_json::from_slice::<ApiError>(&body) {
-                Ok(error) => CallError::Refused { status, error },
-                Err(_) => CallError::Status {
-                    status,
-                    body: kumo_api::bounded_message(String::from_utf8_lossy(&body).into_owned()),
-                },
-            });
+        if status.is_success() {
+            return Ok(resp);
         }
-        resp.json().await.map_err(CallError::Answer)
+        let body = resp.bytes().await.map_err(CallError::Unreachable)?;
+        Err(match serde_json::from_slice::<ApiError>(&body) {
+            Ok(error) => CallError::Refused { status, error },
+            Err(_) => CallError::Status {
+                status,
+                body: kumo_api::bounded_message(String::from_utf8_lossy(&body).into_owned()),
+            },
+        })
     }
 
-    pub fn image_url(&self, id: Uuid) -> (String, String) {
-        (format!("{}/v1/images/{id}/data", self.url), self.token())
-    }
-
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The bytes of image `id` (`GET /v1/images/{id}/data`), as a stream
+    /// to read.
+    pub async fn image(&self, id: Uuid) -> Result<reqwest::Response, CallError> {
+        let req = self
+            .http
+            .get(format!("{}/v1/images/{id}/data", self.url))
+            .bearer_auth(self.token());
+        Self::success(req.send().await.map_err(CallError::Unreachable)?).await
     }
 }
 
@@ -345,4 +356,84 @@ async fn sync_desired(
         vm::apply(shared, desired).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    /// A server answering `/refused` with kumo's error body, `/proxy` with
+    /// a bare error page and `/ok` with a heartbeat answer.
+    async fn server() -> String {
+        let refused = ApiError::new(
+            kumo_api::ErrorCode::Conflict,
+            "zone",
+            "zone: host \"h1\" is registered in zone \"z1\"",
+        );
+        let router = axum::Router::new()
+            .route(
+                "/refused",
+                get(move || async move { (StatusCode::CONFLICT, axum::Json(refused)) }),
+            )
+            .route(
+                "/proxy",
+                get(|| async { (StatusCode::BAD_GATEWAY, "bad gateway") }),
+            )
+            .route(
+                "/ok",
+                get(|| async { axum::Json(HeartbeatResponse { generation: 5 }) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    async fn call(url: &str) -> Result<HeartbeatResponse, CallError> {
+        let resp = shared_http()
+            .get(url)
+            .send()
+            .await
+            .map_err(CallError::Unreachable)?;
+        Controller::answer(resp).await
+    }
+
+    /// A refusal carries the status and the controller's message; an
+    /// error page its status and text; "unreachable" only when no answer
+    /// came.
+    #[tokio::test]
+    async fn failed_calls_say_what_the_controller_answered() {
+        let url = server().await;
+        assert_eq!(call(&format!("{url}/ok")).await.unwrap().generation, 5);
+
+        let e = call(&format!("{url}/refused")).await.unwrap_err();
+        assert!(e.is_refusal());
+        assert_eq!(
+            e.to_string(),
+            "the controller answered 409 Conflict: zone: host \"h1\" is registered in zone \"z1\""
+        );
+        let e = call(&format!("{url}/proxy")).await.unwrap_err();
+        assert!(!e.is_refusal(), "a 5xx may pass");
+        assert_eq!(
+            e.to_string(),
+            "the controller answered 502 Bad Gateway: bad gateway"
+        );
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let e = call(&format!("http://127.0.0.1:{port}/ok"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Unreachable(_)), "{e:?}");
+        // The log line names the cause under "unreachable".
+        let logged = crate::Chain(&e).to_string();
+        assert!(logged.starts_with("controller unreachable: "), "{logged}");
+        assert!(
+            logged.len() > "controller unreachable: ".len() + 10,
+            "{logged}"
+        );
+    }
 }

@@ -23,9 +23,10 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+pub use driver::images::ImageStore;
 pub use driver::qemu::live_pid as qemu_pid;
 pub use driver::qemu::{DiskFiles, Launch, MachineSpec};
-pub use driver::{Accel, DriverKind};
+pub use driver::{Accel, DriverKind, Guest, Hypervisor, Outgoing, Probed};
 
 #[derive(Clone, Debug)]
 pub struct Config {

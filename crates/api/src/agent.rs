@@ -95,9 +95,9 @@ pub struct VmStatus {
 pub enum MigrationState {
     /// Target: preparing the QEMU that will receive the guest.
     Preparing,
-    /// Target: listening at `uri` (and `nbd` for the disk).
+    /// Target: listening at `uri` (and `nbd` for the disks).
     Listening,
-    /// Source: copying the disk, then memory.
+    /// Source: copying the disks, then memory.
     Active,
     /// The guest runs on the target; the source's copy is paused for good.
     Completed,
@@ -114,7 +114,8 @@ pub struct MigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 255)]
     pub uri: Option<String>,
-    /// Target, local disks: the NBD export the source mirrors the disk to.
+    /// Target, local disks: the NBD server the source mirrors the disks to
+    /// (`nbd:HOST:PORT`), each disk exported under its id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 255)]
     pub nbd: Option<String>,
@@ -315,6 +316,7 @@ impl Machine {
     }
 }
 
+/// The guest's processors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Cpu {
@@ -513,7 +515,7 @@ impl<'de> Deserialize<'de> for MacAddress {
 pub enum MigrationSpec {
     /// Start a QEMU that waits for the guest and report where it listens.
     Incoming { id: Uuid, storage: MigrationStorage },
-    /// Send the guest to the target (disk first for local storage).
+    /// Send the guest to the target (disks first for local storage).
     Outgoing {
         id: Uuid,
         storage: MigrationStorage,

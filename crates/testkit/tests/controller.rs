@@ -383,6 +383,14 @@ async fn an_agent_whose_registration_is_refused_exits_with_the_reason() {
     kumo_testkit::wait_host_ready(&cloud.client, "h9")
         .await
         .unwrap();
+    // The controller counts the host in as it answers; the agent keeps
+    // its identity right after.
+    let identity = config.data_dir.join("identity.json");
+    wait_until(T, "the agent's identity saved", || async {
+        identity.exists().then_some(())
+    })
+    .await
+    .unwrap();
     first.kill().unwrap();
     first.wait().unwrap();
 

@@ -17,6 +17,14 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
+/// Where a driver finds the images its disks are overlays of.
+#[async_trait::async_trait]
+pub trait ImageStore: Send + Sync {
+    /// The path of `image` on this host, fetched and checked first if it
+    /// is not there yet.
+    async fn ensure(&self, image: &ImageRef) -> anyhow::Result<PathBuf>;
+}
+
 /// The host's image cache: where images are kept and where they come from.
 pub struct ImageCache {
     dir: PathBuf,
@@ -39,10 +47,11 @@ impl ImageCache {
             locks: Mutex::new(HashMap::new()),
         }
     }
+}
 
-    /// The path of `image` in the cache, fetched and checked first if it is
-    /// not there yet.
-    pub async fn ensure(&self, image: &ImageRef) -> anyhow::Result<PathBuf> {
+#[async_trait::async_trait]
+impl ImageStore for ImageCache {
+    async fn ensure(&self, image: &ImageRef) -> anyhow::Result<PathBuf> {
         let dir = &self.dir;
         let path = dir.join(&image.sha256);
         let lock = {
@@ -58,15 +67,10 @@ impl ImageCache {
         }
         kumo_private_fs::create_dir(dir)?;
         let tmp = dir.join(format!(".{}.{}.part", image.sha256, self.host_name));
-        let (url, token) = self.controller.image_url(image.id);
         let resp = self
             .controller
-            .http()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
+            .image(image.id)
             .await
-            .and_then(|r| r.error_for_status())
             .context("downloading the image")?;
         let mut file = tokio::fs::File::create(&tmp).await?;
         let mut hasher = sha2::Sha256::new();

@@ -42,6 +42,10 @@ pub enum Probed {
 }
 
 impl Probed {
+    /// Find the driver of `kind` on this host: for QEMU, its version and
+    /// the accelerator (`accel`, KVM only if a guest really runs under
+    /// it); guests' state goes under `data_dir`, their disks under
+    /// `datastore` if the host shares one.
     pub async fn probe(
         kind: DriverKind,
         accel: Accel,
@@ -54,6 +58,7 @@ impl Probed {
         })
     }
 
+    /// What the controller is told of the hypervisor when the host joins.
     pub fn info(&self) -> HypervisorInfo {
         match self {
             Probed::Qemu(q) => q.info(),
@@ -65,7 +70,7 @@ impl Probed {
     /// in are received on.
     pub fn into_driver(
         self,
-        images: Arc<images::ImageCache>,
+        images: Arc<dyn images::ImageStore>,
         migration_ip: String,
     ) -> Box<dyn Hypervisor> {
         match self {
@@ -77,8 +82,10 @@ impl Probed {
 
 /// One host's hypervisor.
 pub trait Hypervisor: Send + Sync {
+    /// Driver, version and accelerator, as the controller records them.
     fn info(&self) -> HypervisorInfo;
 
+    /// The guest of VM `id` (whether or not it runs or exists yet).
     fn guest(&self, id: Uuid) -> Box<dyn Guest>;
 
     /// Ids of the guests that have state on this host.
@@ -95,6 +102,8 @@ pub trait Hypervisor: Send + Sync {
 /// One guest, as the VM actor drives it.
 #[async_trait]
 pub trait Guest: Send {
+    /// Whether the guest runs (for QEMU: its process lives; the QMP
+    /// connection is made again if it was lost).
     async fn is_running(&mut self) -> bool;
 
     /// Build the guest from `spec.machine` and start it.
@@ -111,6 +120,7 @@ pub trait Guest: Send {
         reserved: &std::collections::BTreeSet<u32>,
     ) -> anyhow::Result<()>;
 
+    /// A hard reset, as the reset button (a reboot request).
     async fn reset(&mut self) -> anyhow::Result<()>;
 
     /// ACPI power button; a hard stop if the guest is still up after `timeout`.

@@ -17,7 +17,7 @@
 //! same disks through the same paths; `disk-ids.json` in the VM's
 //! directory then notes which files those are, as this host set them up.
 
-use super::images::ImageCache;
+use super::images::ImageStore;
 use super::{Accel, Guest, Hypervisor, Outgoing};
 use crate::{ledger, metrics};
 use anyhow::{bail, Context};
@@ -54,6 +54,7 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// The QEMU of this host (see [`super::Probed::probe`]).
     pub async fn probe(
         accel: Accel,
         data_dir: &Path,
@@ -99,7 +100,7 @@ impl Qemu {
 
     /// The driver, with the image cache its guests' disks come from and
     /// the address guests migrating in are received on.
-    pub fn ready(self, images: Arc<ImageCache>, migration_ip: String) -> QemuDriver {
+    pub fn ready(self, images: Arc<dyn ImageStore>, migration_ip: String) -> QemuDriver {
         QemuDriver {
             qemu: self,
             images,
@@ -111,7 +112,7 @@ impl Qemu {
 /// The QEMU driver of a host.
 pub struct QemuDriver {
     qemu: Qemu,
-    images: Arc<ImageCache>,
+    images: Arc<dyn ImageStore>,
     migration_ip: Arc<str>,
 }
 
@@ -239,7 +240,7 @@ pub struct QemuGuest {
     /// shared (else they are in `dir`).
     shared_disks: Option<PathBuf>,
     accel: &'static str,
-    images: Arc<ImageCache>,
+    images: Arc<dyn ImageStore>,
     /// The address guests migrating in are received on.
     pub(super) migration_ip: Arc<str>,
     pub(super) qmp: Option<Qmp>,
