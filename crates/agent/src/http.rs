@@ -1,6 +1,8 @@
 //! The agent's own endpoint, called by the controller only where a
-//! handshake is needed: the serial console. Callers present the agent
-//! secret the controller learnt when the host joined.
+//! handshake is needed: the serial console; and the agent's own view of its
+//! guests (`GET /v1/status`, an [`AgentStatus`]), for operators and tests
+//! looking into a host. Callers present the agent secret the controller
+//! learnt when the host joined.
 
 use crate::Shared;
 use axum::body::Body;
@@ -8,7 +10,8 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
+use kumo_api::AgentStatus;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -16,6 +19,7 @@ pub async fn serve(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     let router = Router::new()
         .route("/v1/vms/{id}/console/log", get(console_log))
         .route("/v1/vms/{id}/console", get(console))
+        .route("/v1/status", get(status))
         .with_state(shared);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %crate::Chain(&e), "agent endpoint stopped");
@@ -36,6 +40,17 @@ fn authorized(shared: &Shared, req: &Request) -> bool {
 
 fn refuse(status: StatusCode, msg: &str) -> Response {
     (status, msg.to_string()).into_response()
+}
+
+/// The desired state applied last and every VM's status, as the next
+/// heartbeat reports them.
+async fn status(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    if !authorized(&shared, &req) {
+        return refuse(StatusCode::UNAUTHORIZED, "wrong agent secret");
+    }
+    let applied = shared.applied.lock().await.clone();
+    let vms = crate::vm::statuses(&shared).await;
+    Json(AgentStatus { applied, vms }).into_response()
 }
 
 async fn console_log(

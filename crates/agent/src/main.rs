@@ -22,7 +22,7 @@ struct Args {
     zone: String,
     #[arg(long, default_value = "/var/lib/kumo-agent")]
     data_dir: PathBuf,
-    /// Address of the agent's endpoint (serial consoles).
+    /// Address of the agent's endpoint (serial consoles, its status).
     #[arg(long, default_value = "127.0.0.1:7371")]
     listen: SocketAddr,
     /// URL the controller uses to reach the agent (default: from --listen).

@@ -208,14 +208,11 @@ async fn run(
             }
             Some(MigrationSpec::Outgoing { storage, .. }) => {
                 actor.keep_shared_disk = *storage == MigrationStorage::Shared;
+                // A guest that only just arrived may leave again at once.
+                actor.finish_incoming(&spec).await;
                 actor.send(&spec, &rx).await;
             }
-            None => {
-                let running = spec.power == PowerState::Running;
-                if let Some(done) = actor.guest.finish_incoming(running).await {
-                    actor.report_migration(done, true);
-                }
-            }
+            None => actor.finish_incoming(&spec).await,
         }
         actor.converge(&spec).await;
         tokio::select! {
@@ -239,6 +236,15 @@ impl Actor {
         self.status.lock().expect("lock").migration = Some(m);
         if now {
             self.shared.report_now.notify_one();
+        }
+    }
+
+    /// Once a guest that migrated in is this host's: end what receiving it
+    /// left (the disk's export to the source) and report how it arrived.
+    async fn finish_incoming(&mut self, spec: &VmSpec) {
+        let running = spec.power == PowerState::Running;
+        if let Some(done) = self.guest.finish_incoming(running).await {
+            self.report_migration(done, true);
         }
     }
 

@@ -537,6 +537,17 @@ pub struct DesiredState {
     pub vms: Vec<VmSpec>,
 }
 
+/// An agent's own view, answered on `GET /v1/status` of its endpoint (the
+/// agent secret as bearer token): the desired state it applied last, and
+/// what each VM's actor last observed — what its next heartbeat reports.
+/// For looking into a host when the controller's view is not enough (a
+/// migration that does not end, say).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub applied: DesiredState,
+    pub vms: Vec<VmStatus>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]

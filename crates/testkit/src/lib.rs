@@ -634,6 +634,95 @@ impl RealCloud {
         kumo_agent::qemu_pid(&dir).with_context(|| format!("no live QEMU for {}", vm.name))
     }
 
+    /// A host agent's own view ([`kumo_api::AgentStatus`]), from its
+    /// endpoint, with the agent secret the host keeps in its data dir.
+    pub async fn agent_status(&self, host: &str) -> Result<kumo_api::AgentStatus> {
+        let h = self.real_host(host).context("no such host")?;
+        let identity = self
+            .dir
+            .path()
+            .join(format!("host-{host}"))
+            .join("identity.json");
+        let identity: serde_json::Value = serde_json::from_slice(&std::fs::read(identity)?)?;
+        let secret = identity["agent_secret"]
+            .as_str()
+            .context("identity without agent secret")?;
+        let resp = reqwest::Client::new()
+            .get(format!("http://{}:{AGENT_PORT}/v1/status", h.ip))
+            .bearer_auth(secret)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(resp.json().await?)
+    }
+
+    /// Everything there is to know about a VM's migration, for a test or
+    /// benchmark giving up on it: the controller's view of the VM (state,
+    /// host, migration with the source QEMU's figures, last migration) and
+    /// of each host (generation asked and applied), and each agent's own
+    /// view: the VM's spec it applied (its side of the migration), the
+    /// status it reports (migration state, QEMU's transfer figures), and
+    /// its last log lines about the VM.
+    pub async fn migration_diagnosis(&self, vm: &str) -> String {
+        let mut out = String::new();
+        let record = match self.client.vm(vm).await {
+            Ok(v) => v,
+            Err(e) => return format!("controller: VM {vm}: {e:#}\n"),
+        };
+        out.push_str(&format!(
+            "controller: VM {vm} {} on {}\n  migration: {}\n  last migration: {}\n",
+            record.state,
+            record.host,
+            json(&record.migration),
+            json(&record.last_migration),
+        ));
+        for h in &self.agents {
+            let name = &h.name;
+            match self.client.host(name).await {
+                Ok(host) => out.push_str(&format!(
+                    "host {name} ({}): generation {} asked, {} applied\n",
+                    host.state, host.generation, host.applied_generation
+                )),
+                Err(e) => out.push_str(&format!("host {name}: controller: {e:#}\n")),
+            }
+            match self.agent_status(name).await {
+                Ok(s) => {
+                    let spec = s.applied.vms.iter().find(|v| v.id == record.id);
+                    let status = s.vms.iter().find(|v| v.id == record.id);
+                    out.push_str(&format!(
+                        "  agent: generation {} applied; spec: {}; status: {}\n",
+                        s.applied.generation,
+                        json(&spec.map(|v| &v.migration)),
+                        json(&status),
+                    ));
+                }
+                Err(e) => out.push_str(&format!("  agent: {e:#}\n")),
+            }
+            let log = std::fs::read_to_string(self.dir.path().join(format!("agent-{name}.log")))
+                .unwrap_or_default();
+            let id = record.id.to_string();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&id) || l.contains(&format!("vm={vm}")))
+                .collect();
+            for line in &lines[lines.len().saturating_sub(12)..] {
+                out.push_str(&format!("  log: {line}\n"));
+            }
+        }
+        out
+    }
+
+    /// Wait until the VM's migration ended (see [`wait_migration_ended`]);
+    /// if it does not in `timeout`, the error carries
+    /// [`RealCloud::migration_diagnosis`].
+    pub async fn migration_ended(&self, vm: &str, timeout: Duration) -> Result<Vm> {
+        match wait_migration_ended(&self.client, vm, timeout).await {
+            Ok(v) => Ok(v),
+            Err(e) => bail!("{e:#}\n{}", self.migration_diagnosis(vm).await),
+        }
+    }
+
     /// Run a shell command on the guest's serial console and return what it
     /// printed up to `expect`.
     pub async fn console_run(&self, vm: &str, command: &str, expect: &str) -> Result<String> {
@@ -709,6 +798,11 @@ impl RealCloud {
         )
         .await
     }
+}
+
+/// A value as one line of JSON.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| format!("({e})"))
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -138,7 +138,8 @@ pub trait Guest: Send {
         storage: MigrationStorage,
     ) -> MigrationStatus;
 
-    /// Target: the guest is this host's now; how its migration ended, the
+    /// Target: the guest is this host's now; end what receiving it left
+    /// (before it may leave again) and say how its migration ended, the
     /// first time this is asked (`running`: the guest is meant to run).
     async fn finish_incoming(&mut self, running: bool) -> Option<MigrationStatus>;
 

@@ -14,7 +14,8 @@
 //! datastore the disks are `<datastore>/disks/<id>.qcow2` and
 //! `<datastore>/disks/<id>-<disk id>.<format>` instead (and the image cache
 //! `<datastore>/images/`), so every host mounting the datastore opens the
-//! same disks through the same paths.
+//! same disks through the same paths; `disk-ids.json` in the VM's
+//! directory then notes which files those are, as this host set them up.
 
 use super::images::ImageStore;
 use super::{Accel, Guest, Hypervisor, Outgoing};
@@ -31,7 +32,7 @@ use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -39,6 +40,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const BINARY: &str = "qemu-system-x86_64";
+/// In a VM's directory, which files its disks on a shared datastore are
+/// (file name to [`file_id`]), as this host set them up.
+const DISK_IDS: &str = "disk-ids.json";
 /// Longest path a unix socket may have (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -333,8 +337,18 @@ impl QemuGuest {
             .with_context(|| format!("disk {}", disk.id))?;
             files.push(DiskFiles { file, base });
         }
+        if self.shared_disks.is_some() {
+            self.note_shared_disks(&files)?;
+        }
         self.write_seed(spec).await?;
         Ok(files)
+    }
+
+    /// Note which files the shared disks are (see
+    /// [`remove_shared_disks`]).
+    fn note_shared_disks(&self, files: &[DiskFiles]) -> anyhow::Result<()> {
+        let ids = serde_json::to_vec(&disk_ids(files)?)?;
+        Ok(kumo_private_fs::write_file(&self.path(DISK_IDS), &ids)?)
     }
 
     /// Make `disk` at `file` (over `base`, an image of that format) as
@@ -444,24 +458,61 @@ impl QemuGuest {
         Ok(())
     }
 
-    /// Remove the guest's disks on the shared datastore (`<id>.qcow2`,
-    /// `<id>-<disk>.<format>`).
+    /// Remove the guest's disks on the shared datastore that are still
+    /// the files this host set up (see [`remove_shared_disks`]).
     async fn remove_shared_disks(&self, ds: &Path) -> anyhow::Result<()> {
-        let (whole, prefix) = (format!("{}.qcow2", self.id), format!("{}-", self.id));
-        let mut entries = match tokio::fs::read_dir(ds).await {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        while let Some(entry) = entries.next_entry().await? {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if *name == whole || name.starts_with(&prefix) {
-                remove_if_present(tokio::fs::remove_file(entry.path()).await)?;
-            }
-        }
-        Ok(())
+        let noted: Option<BTreeMap<String, String>> = tokio::fs::read(self.path(DISK_IDS))
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        remove_shared_disks(ds, self.id, noted.as_ref()).await
     }
+}
+
+/// Which file each of `files` is, by file name (see [`file_id`]).
+fn disk_ids(files: &[DiskFiles]) -> anyhow::Result<BTreeMap<String, String>> {
+    files
+        .iter()
+        .map(|f| {
+            let name = f.file.file_name().unwrap_or_default();
+            let id = file_id(&f.file)
+                .with_context(|| format!("the disk {} is gone", f.file.display()))?;
+            Ok((name.to_string_lossy().into_owned(), id))
+        })
+        .collect()
+}
+
+/// Remove guest `id`'s disks in the datastore directory `ds` (`<id>.qcow2`,
+/// `<id>-<disk>.<format>`) that are still the files `noted` (from
+/// [`disk_ids`]) says; all of them without a note (a guest set up before
+/// hosts noted that). A host taking the guest onto the datastore by
+/// copying its disks (a local-storage migration) makes new files at the
+/// same paths, maybe before the host the guest left there earlier has
+/// cleaned up.
+async fn remove_shared_disks(
+    ds: &Path,
+    id: Uuid,
+    noted: Option<&BTreeMap<String, String>>,
+) -> anyhow::Result<()> {
+    let (whole, prefix) = (format!("{id}.qcow2"), format!("{id}-"));
+    let mut entries = match tokio::fs::read_dir(ds).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    while let Some(entry) = entries.next_entry().await? {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = noted.is_none_or(|noted| {
+            noted
+                .get(&*name)
+                .is_some_and(|noted| file_id(&entry.path()).is_some_and(|now| now == *noted))
+        });
+        if (*name == whole || name.starts_with(&prefix)) && ours {
+            remove_if_present(tokio::fs::remove_file(entry.path()).await)?;
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -845,6 +896,22 @@ pub(super) enum DiskSetup {
     Existing,
 }
 
+/// Which file `path` names: `device:inode:birth`, the birth time in
+/// nanoseconds since the epoch (a file system frees an inode number for
+/// reuse as soon as the file is gone, so a new file at the same path may
+/// well have the old number); `-` where the file system keeps no birth
+/// time (NFS), leaving the inode alone to tell.
+fn file_id(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let birth = m
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(|| "-".to_string(), |d| d.as_nanos().to_string());
+    Some(format!("{}:{}:{birth}", m.dev(), m.ino()))
+}
+
 fn remove_if_present(r: std::io::Result<()>) -> anyhow::Result<()> {
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -1057,6 +1124,45 @@ mod tests {
         assert!(argv(Launch::Incoming).ends_with(&["-incoming".to_string(), "defer".into()]));
         let kvm = argv_in(DIR, "kvm", &machine, &files, Launch::Run);
         assert!(kvm.windows(2).any(|w| w == ["-cpu", "host"]));
+    }
+
+    /// A host giving a guest up removes its disks on the datastore only
+    /// while their paths still name the files it set up: not the new disk
+    /// another host has meanwhile made there for the same guest.
+    #[tokio::test]
+    async fn a_host_leaving_removes_only_its_own_shared_disks() {
+        let ds = tempfile::tempdir().unwrap();
+        let id = Uuid::from_u128(7);
+        let disk = |name: &str, content: &str| {
+            let file = ds.path().join(name);
+            std::fs::write(&file, content).unwrap();
+            DiskFiles { file, base: None }
+        };
+        let read = |name: &str| std::fs::read_to_string(ds.path().join(name)).ok();
+        let (first, data) = (format!("{id}.qcow2"), format!("{id}-data.raw"));
+        let files = [disk(&first, "old"), disk(&data, "data")];
+        let noted = disk_ids(&files).unwrap();
+        // Another host took the guest onto the datastore anew (the same
+        // path, a new file: ext4 gives it the old inode number at once).
+        std::fs::remove_file(ds.path().join(&first)).unwrap();
+        disk(&first, "new");
+        let other = disk("other.qcow2", "another guest's");
+        remove_shared_disks(ds.path(), id, Some(&noted))
+            .await
+            .unwrap();
+        assert_eq!(read(&first).as_deref(), Some("new"));
+        assert_eq!(read(&data), None);
+        // Its own disk it removes; a guest without a note loses all of its
+        // disks, and no other guest's.
+        let noted = disk_ids(&files[..1]).unwrap();
+        remove_shared_disks(ds.path(), id, Some(&noted))
+            .await
+            .unwrap();
+        assert_eq!(read(&first), None);
+        disk(&first, "unnoted");
+        remove_shared_disks(ds.path(), id, None).await.unwrap();
+        assert_eq!(read(&first), None);
+        assert!(other.file.exists());
     }
 
     #[test]

@@ -38,6 +38,10 @@ const OUTGOING: &str = "outgoing";
 const MIRROR_JOB: &str = "mirror-";
 /// How often the source looks at the transfer.
 const POLL: Duration = Duration::from_millis(50);
+/// How long a guest whose transfer completed may take to run on its
+/// target (QEMU loading the last of it): well above the pause QEMU aims for
+/// (300 ms by default), with room for a loaded host.
+const ARRIVAL: Duration = Duration::from_secs(10);
 /// QEMU's bandwidth cap for the transfer, bytes/s (its default, 128 MiB/s,
 /// would make every migration wait on it).
 const MAX_BANDWIDTH: u64 = 10 << 30;
@@ -232,6 +236,13 @@ impl QemuGuest {
     /// Target, once the guest is its own: stop exporting the disk, and say
     /// when the guest resumed here (once, for the migration just ended). A
     /// stopped guest (`running` false) moved cold: there is no resume.
+    ///
+    /// The source may finish sending before this QEMU has loaded the last
+    /// of it: this waits for the guest to run here, up to [`ARRIVAL`]
+    /// (`None` then, and the note stays for the next look). Until it is
+    /// done the disk stays exported to the source, and a transfer from
+    /// here would fail at its switch-over (QEMU cannot hand over a disk
+    /// that another user still holds writable).
     pub(super) async fn finish_migrate_in(&mut self, running: bool) -> Option<MigrationStatus> {
         let note = self.read_note::<IncomingNote>(INCOMING).await?;
         if !running {
@@ -244,10 +255,18 @@ impl QemuGuest {
             return None;
         }
         let qmp = self.qmp().ok()?.clone();
-        // The source may finish sending before this QEMU has loaded the
-        // last of it: wait for the guest to run here.
-        if !qmp.query_status().await.is_ok_and(|s| s.running) {
-            return None;
+        let deadline = Instant::now() + ARRIVAL;
+        loop {
+            match qmp.query_status().await {
+                Ok(s) if s.running => break,
+                // QEMU went away: nothing arrived.
+                Err(_) => return None,
+                Ok(_) if Instant::now() >= deadline => {
+                    tracing::warn!(dir = %self.dir.display(), "the guest that migrated in does not run yet");
+                    return None;
+                }
+                Ok(_) => tokio::time::sleep(POLL).await,
+            }
         }
         let _ = qmp.execute("nbd-server-stop", None).await;
         let done = MigrationStatus {
@@ -326,6 +345,9 @@ impl QemuGuest {
         if !sending {
             if cancelled() {
                 return Ok(MigrationStatus::new(out.id, MigrationState::Cancelled));
+            }
+            if self.read_note::<IncomingNote>(INCOMING).await.is_some() {
+                anyhow::bail!("the guest has not finished arriving here from its last migration");
             }
             self.write_note(
                 OUTGOING,

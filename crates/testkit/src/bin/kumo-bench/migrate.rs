@@ -51,10 +51,21 @@ pub async fn run(runs: usize, drain_vms: usize) -> Result<()> {
                 },
             )
             .await?;
-            wait_until(Duration::from_secs(120), "the VM on its target", || async {
-                c.vm("bench").await.ok().filter(|v| v.host == to)
-            })
-            .await?;
+            // Ended how it may: a failure stops the benchmark, saying why,
+            // and so does a migration that does not end, with what every
+            // side sees of it.
+            let vm = cloud
+                .migration_ended("bench", Duration::from_secs(120))
+                .await?;
+            let last = vm.last_migration.as_ref().context("last migration")?;
+            if last.outcome != MigrationOutcome::Completed {
+                bail!(
+                    "migration {i} to {to} ended {:?}: {}\n{}",
+                    last.outcome,
+                    last.message.as_deref().unwrap_or("no reason given"),
+                    cloud.migration_diagnosis("bench").await
+                );
+            }
             total.push(t0.elapsed());
             let vm = wait_until(Duration::from_secs(20), "the downtime measured", || async {
                 c.vm("bench").await.ok().filter(|v| {
@@ -65,9 +76,6 @@ pub async fn run(runs: usize, drain_vms: usize) -> Result<()> {
             })
             .await?;
             let last = vm.last_migration.context("last migration")?;
-            if last.outcome != MigrationOutcome::Completed {
-                bail!("migration {i} ended {:?}: {:?}", last.outcome, last.message);
-            }
             let d = Duration::from_secs_f64(last.downtime_ms.unwrap_or_default() / 1000.0);
             let q = Duration::from_millis(last.qemu_downtime_ms.unwrap_or_default());
             let x = Duration::from_millis(last.transfer_ms.unwrap_or_default());
