@@ -10,12 +10,11 @@
 //! of the scheduler's state and moves nothing.
 
 use super::migrations::{movable, move_request};
+use super::transitions::{self, HostRequest};
 use super::{hosts, lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use hosts::HostMode;
-use kumo_api::{
-    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState,
-};
+use kumo_api::{DrainPlan, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState};
 
 /// What the migrations of a drain give as their reason, first (the VMs
 /// they move remember where they came from).
@@ -106,15 +105,6 @@ impl Inventory {
     }
 }
 
-fn drain_conflict(name: &str, state: kumo_api::HostState) -> crate::Error {
-    ApiError::new(
-        ErrorCode::Conflict,
-        "name",
-        format!("host {name} is {state}; only a ready host can be drained"),
-    )
-    .into()
-}
-
 impl App {
     /// Drain hosts: mark them draining (the mover then empties them), or
     /// with `dry_run` only say where their VMs would go.
@@ -128,10 +118,8 @@ impl App {
         let mut inv = self.inv.write().await;
         for h in &hosts {
             let entry = lookup(&inv.hosts, "host", h)?;
-            let state = entry.state();
-            let draining = entry.rec.mode == HostMode::Draining;
-            if state != kumo_api::HostState::Ready && !draining && !dry_run {
-                return Err(drain_conflict(h, state));
+            if !dry_run {
+                transitions::check_host(h, entry.row(), HostRequest::Drain)?;
             }
         }
         let plan = inv.drain_plan(scope.clone(), &hosts);
@@ -217,15 +205,9 @@ impl App {
         let mut batch = Batch::default();
         let mut recs = Vec::new();
         for h in &hosts {
-            let rec = lookup(&inv.hosts, "host", h)?.rec.clone();
-            if !matches!(rec.mode, HostMode::Draining | HostMode::Maintenance) {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    "name",
-                    format!("host {h} is not draining or in maintenance"),
-                )
-                .into());
-            }
+            let entry = lookup(&inv.hosts, "host", h)?;
+            transitions::check_host(h, entry.row(), HostRequest::Undrain)?;
+            let rec = entry.rec.clone();
             let rec = hosts::HostRecord {
                 mode: HostMode::Active,
                 welcome_back: return_vms,

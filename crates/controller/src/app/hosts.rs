@@ -1,6 +1,8 @@
 //! Hosts: registration, heartbeats, desired state and monitoring.
 //!
-//! A host is `ready` while heartbeats arrive, `down` once none came for
+//! A host is `joining` from its registration until its first heartbeat
+//! (it takes no VMs before its agent shows it runs), `ready` while
+//! heartbeats arrive, `down` once none came for
 //! [`App::down_after`], `disabled` when an operator took it out of placement,
 //! `draining` while its VMs move away, `maintenance` once drained, and
 //! `standby` when power saving emptied it and switched it off (silence is
@@ -9,6 +11,7 @@
 //! a fresh grace period instead of being declared down for the time the
 //! controller itself was away.
 
+use super::transitions::{self, HostRequest};
 use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -61,6 +64,11 @@ pub struct HostRecord {
     /// Energy saved in earlier standby periods, watt-hours.
     #[serde(default)]
     pub energy_saved_wh: f64,
+    /// Registered and not heard from yet (no heartbeat since it first
+    /// joined): out of placement. Records from before this field have
+    /// heartbeated, hence the default.
+    #[serde(default)]
+    pub joining: bool,
     /// Bumped with every change to what the host should run.
     pub generation: u64,
     pub token_sha256: String,
@@ -124,6 +132,7 @@ impl HostEntry {
         match self.rec.mode {
             HostMode::Standby => HostState::Standby,
             _ if self.live.down => HostState::Down,
+            _ if self.rec.joining => HostState::Joining,
             HostMode::Active => HostState::Ready,
             HostMode::Disabled => HostState::Disabled,
             HostMode::Draining => HostState::Draining,
@@ -133,6 +142,17 @@ impl HostEntry {
 }
 
 impl HostEntry {
+    /// The state the host's requests are judged by (see [`transitions`]):
+    /// its state, except that a down host draining or in maintenance is
+    /// judged by that (hosts are often switched off for maintenance).
+    pub fn row(&self) -> HostState {
+        match (self.state(), self.rec.mode) {
+            (HostState::Down, HostMode::Draining) => HostState::Draining,
+            (HostState::Down, HostMode::Maintenance) => HostState::Maintenance,
+            (state, _) => state,
+        }
+    }
+
     /// The host as the scheduler sees it.
     pub fn sched_info(&self) -> kumo_sched::HostInfo {
         kumo_sched::HostInfo {
@@ -336,6 +356,7 @@ impl App {
             welcome_back: existing.as_ref().is_some_and(|o| o.welcome_back),
             standby_since: existing.as_ref().and_then(|o| o.standby_since),
             energy_saved_wh: existing.as_ref().map_or(0.0, |o| o.energy_saved_wh),
+            joining: existing.as_ref().is_none_or(|o| o.joining),
             generation: existing.as_ref().map_or(1, |o| o.generation),
             token_sha256: sha256_hex(&token),
             agent_secret: req.agent_secret,
@@ -425,7 +446,23 @@ impl App {
             overloaded_since: hot.then(|| entry.live.overloaded_since.unwrap_or_else(Instant::now)),
         };
         let generation = e.rec.generation;
-        if entry.live.down {
+        if e.rec.joining {
+            // After the VM reports, which may have bumped the generation.
+            let rec = HostRecord {
+                joining: false,
+                ..e.rec.clone()
+            };
+            let mut batch = Batch::default();
+            batch.put(key(host), &rec);
+            batch.event(
+                "host.ready",
+                format!("host/{host}"),
+                &rec.project,
+                "first heartbeat: the host takes VMs".into(),
+            );
+            self.commit(&mut inv, batch).await?;
+            inv.set_host_record(rec);
+        } else if entry.live.down {
             // Back from down: schedulable again.
             inv.sync_host(host);
         } else {
@@ -455,7 +492,12 @@ impl App {
     }
 
     pub async fn host_set_enabled(&self, name: &str, enabled: bool) -> Result<Host> {
-        self.host_change(name, |rec| {
+        let request = if enabled {
+            HostRequest::Enable
+        } else {
+            HostRequest::Disable
+        };
+        self.host_change(name, request, |rec| {
             let mode = if enabled {
                 HostMode::Active
             } else {
@@ -480,7 +522,7 @@ impl App {
     /// Change a host's overcommit ratios. VMs already placed stay where
     /// they are; new placements follow the new ratios.
     pub async fn host_update(&self, name: &str, req: UpdateHost) -> Result<Host> {
-        self.host_change(name, |rec| {
+        self.host_change(name, HostRequest::Update, |rec| {
             rec.cpu_overcommit = req.cpu_overcommit.unwrap_or(rec.cpu_overcommit);
             rec.memory_overcommit = req.memory_overcommit.unwrap_or(rec.memory_overcommit);
             Some((
@@ -494,15 +536,19 @@ impl App {
         .await
     }
 
-    /// Apply `change` to a host's record; it returns the event to record,
-    /// or `None` when nothing changed.
+    /// Apply `change` to a host's record if its state accepts `request`
+    /// (see [`transitions`]); `change` returns the event to record, or
+    /// `None` when nothing changed.
     async fn host_change(
         &self,
         name: &str,
+        request: HostRequest,
         change: impl FnOnce(&mut HostRecord) -> Option<(&'static str, String)>,
     ) -> Result<Host> {
         let mut inv = self.inv.write().await;
-        let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        let entry = lookup(&inv.hosts, "host", name)?;
+        transitions::check_host(name, entry.row(), request)?;
+        let mut rec = entry.rec.clone();
         if let Some((kind, msg)) = change(&mut rec) {
             let mut batch = Batch::default();
             batch.put(key(name), &rec);
@@ -516,7 +562,9 @@ impl App {
 
     pub async fn host_delete(&self, name: &str) -> Result<()> {
         let mut inv = self.inv.write().await;
-        let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        let entry = lookup(&inv.hosts, "host", name)?;
+        transitions::check_host(name, entry.row(), HostRequest::Delete)?;
+        let rec = entry.rec.clone();
         let (_, count) = inv.allocated(rec.id);
         if count > 0 {
             return Err(ApiError::new(

@@ -25,6 +25,7 @@
 //! on with a transfer by itself, agents re-attach and report again, and the
 //! step taken next depends only on the stored phase and the reports.
 
+use super::transitions::VmRequest;
 use super::vms::{bump_generation, key, record};
 use super::{lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
@@ -372,37 +373,27 @@ pub(super) fn move_request(inv: &Inventory, vm: &Vm) -> Result<kumo_sched::Reque
     })
 }
 
-/// Whether a VM is settled enough to move: running (live) or stopped (cold).
+/// Whether a VM is settled enough to move: running (live) or stopped
+/// (cold), as [`super::transitions`] says.
 pub(super) fn movable(vm: &Vm) -> bool {
-    matches!(
-        (vm.power, vm.state),
-        (PowerState::Running, VmState::Running) | (PowerState::Stopped, VmState::Stopped)
-    )
+    use super::transitions::{vm_accepts, vm_row};
+    vm_accepts(vm_row(vm), VmRequest::Migrate)
 }
 
-/// Why a VM cannot start moving now, if it cannot.
+/// Why a VM cannot start moving now, if it cannot: its state (see
+/// [`super::transitions`]) or its host being down.
 fn check_movable(inv: &Inventory, vm: &Vm) -> Result<()> {
-    let conflict = |msg: String| Err(ApiError::new(ErrorCode::Conflict, "name", msg).into());
-    if let Some(m) = &vm.migration {
-        return conflict(format!(
-            "VM {:?} is already migrating from {} to {}",
-            vm.name, m.source, m.target
-        ));
-    }
-    if !movable(vm) {
-        return conflict(format!(
-            "VM {:?} is {}; a VM moves when it is running (live) or stopped (cold)",
-            vm.name, vm.state
-        ));
-    }
+    super::transitions::check_vm(vm, VmRequest::Migrate)?;
     let host = inv
         .host_by_id(vm.host_id)
         .ok_or_else(|| crate::Error::internal(format!("host of VM {} missing", vm.name)))?;
     if host.state() == HostState::Down {
-        return conflict(format!(
-            "host {} of VM {:?} is down",
-            host.rec.name, vm.name
-        ));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "name",
+            format!("host {} of VM {:?} is down", host.rec.name, vm.name),
+        )
+        .into());
     }
     Ok(())
 }
@@ -536,13 +527,11 @@ impl App {
     pub async fn vm_migrate_cancel(&self, name: &str) -> Result<Vm> {
         let mut inv = self.inv.write().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
+        super::transitions::check_vm(&vm, VmRequest::CancelMigration)?;
         let Some(m) = vm.migration.clone() else {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "name",
-                format!("VM {name:?} is not migrating"),
-            )
-            .into());
+            return Err(crate::Error::internal(format!(
+                "VM {name} accepted a cancel without a migration"
+            )));
         };
         let mut out = super::vms::Reported::default();
         let mut batch = Batch::default();

@@ -16,6 +16,9 @@ pub mod join_tokens;
 pub mod migrations;
 pub mod power;
 pub mod rebalance;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod transitions;
 pub mod vms;
 pub mod zones;
 
