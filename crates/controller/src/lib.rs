@@ -10,7 +10,7 @@ pub mod background;
 mod error;
 pub mod http;
 
-pub use app::rebalance::RebalanceSettings;
+pub use app::passes::RebalanceSettings;
 pub use error::Error;
 
 use std::net::SocketAddr;

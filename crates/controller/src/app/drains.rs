@@ -10,10 +10,10 @@
 //! of the scheduler's state and moves nothing.
 
 use super::migrations::{movable, move_request};
+use super::records::{host_key, HostMode, HostRecord};
 use super::transitions::{self, HostRequest};
-use super::{hosts, lookup, migration_key, now_ms, App, Batch, Inventory};
+use super::{lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
-use hosts::HostMode;
 use kumo_api::{DrainPlan, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState};
 
 /// What the migrations of a drain give as their reason, first (the VMs
@@ -133,13 +133,13 @@ impl App {
             if rec.mode == HostMode::Draining {
                 continue;
             }
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 mode: HostMode::Draining,
                 after_drain: after,
                 welcome_back: false,
                 ..rec.clone()
             };
-            batch.put(hosts::key(h), &rec);
+            batch.put(host_key(h), &rec);
             let (_, count) = inv.allocated(rec.id);
             batch.event(
                 "host.draining",
@@ -208,12 +208,12 @@ impl App {
             let entry = lookup(&inv.hosts, "host", h)?;
             transitions::check_host(h, entry.row(), HostRequest::Undrain)?;
             let rec = entry.rec.clone();
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 mode: HostMode::Active,
                 welcome_back: return_vms,
                 ..rec
             };
-            batch.put(hosts::key(h), &rec);
+            batch.put(host_key(h), &rec);
             let back = inv
                 .vms()
                 .values()
@@ -337,12 +337,12 @@ impl App {
             self.finish_drain(&mut inv, &name).await?;
         }
         for name in welcomed {
-            let rec = hosts::HostRecord {
+            let rec = HostRecord {
                 welcome_back: false,
                 ..inv.hosts[&name].rec.clone()
             };
             let mut batch = Batch::default();
-            batch.put(hosts::key(&name), &rec);
+            batch.put(host_key(&name), &rec);
             self.commit(&mut inv, batch).await?;
             inv.set_host_record(rec);
         }
@@ -351,12 +351,12 @@ impl App {
 
     /// An emptied draining host goes to maintenance (or standby).
     async fn finish_drain(&self, inv: &mut Inventory, name: &str) -> Result<()> {
-        let rec = hosts::HostRecord {
+        let rec = HostRecord {
             mode: inv.hosts[name].rec.after_drain,
             ..inv.hosts[name].rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(hosts::key(name), &rec);
+        batch.put(host_key(name), &rec);
         batch.event(
             "host.drained",
             format!("host/{name}"),

@@ -4,12 +4,6 @@
 use super::App;
 use kumo_api::{Event, EventQuery};
 
-pub const PREFIX: &str = "events/";
-
-pub fn key(seq: u64) -> String {
-    format!("{PREFIX}{seq:020}")
-}
-
 impl App {
     /// The newest events matching the query, oldest first.
     pub async fn event_list(&self, q: &EventQuery) -> Vec<Event> {

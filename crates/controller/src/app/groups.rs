@@ -1,18 +1,13 @@
 //! Affinity and anti-affinity groups: VMs that must (or should) share a
 //! host, or keep apart.
 
+use super::records::group_key;
 use super::{lookup, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, CreateGroup, ErrorCode, Group, GroupPolicy, DEFAULT_PROJECT,
 };
 use uuid::Uuid;
-
-pub const PREFIX: &str = "groups/";
-
-fn key(name: &str) -> String {
-    format!("{PREFIX}{name}")
-}
 
 impl Inventory {
     /// The scheduler's rules for the named groups; unknown names are an
@@ -62,7 +57,7 @@ impl App {
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
-        batch.put(key(&group.name), &group);
+        batch.put(group_key(&group.name), &group);
         batch.event(
             "group.created",
             format!("group/{}", group.name),
@@ -96,7 +91,7 @@ impl App {
             .into());
         }
         let mut batch = Batch::default();
-        batch.delete(key(name));
+        batch.delete(group_key(name));
         batch.event(
             "group.deleted",
             format!("group/{name}"),

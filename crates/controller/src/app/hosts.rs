@@ -11,164 +11,21 @@
 //! a fresh grace period instead of being declared down for the time the
 //! controller itself was away.
 
+use super::records::{host_key, HostMode, HostRecord};
 use super::transitions::{self, HostRequest};
-use super::{lookup, now_ms, random_secret, sha256_hex, vms, App, Batch, Inventory};
+use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    validate_name, ApiError, DesiredState, ErrorCode, Heartbeat, HeartbeatResponse, Host, HostLoad,
-    HostState, HypervisorInfo, ImageRef, MigrationPhase, MigrationSpec, Millis, RegisterHost,
-    RegisterHostResponse, Resources, UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
+    validate_name, ApiError, DesiredState, ErrorCode, Host, ImageRef, MigrationPhase,
+    MigrationSpec, RegisterHost, RegisterHostResponse, UpdateHost, VmSpec, VmState,
+    DEFAULT_PROJECT,
 };
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
-
-pub const PREFIX: &str = "hosts/";
 
 /// Shared vCPUs per core a new host may hold (as OpenStack's default
 /// `cpu_allocation_ratio`); `kumo host set` changes it.
 pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
-
-pub fn key(name: &str) -> String {
-    format!("{PREFIX}{name}")
-}
-
-/// What the store keeps of a host.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HostRecord {
-    pub id: Uuid,
-    pub name: String,
-    pub project: String,
-    pub zone: String,
-    pub address: String,
-    pub capacity: Resources,
-    pub cpu_overcommit: f64,
-    pub memory_overcommit: f64,
-    pub cpu_model: String,
-    pub labels: BTreeMap<String, String>,
-    pub hypervisor: HypervisorInfo,
-    #[serde(default)]
-    pub datastore: Option<String>,
-    #[serde(default)]
-    pub mode: HostMode,
-    /// What a draining host becomes once empty.
-    #[serde(default = "maintenance")]
-    pub after_drain: HostMode,
-    /// Undrained with `return`: the VMs a drain took away come back.
-    #[serde(default)]
-    pub welcome_back: bool,
-    /// When power saving switched the host off (its power-off command ran).
-    #[serde(default)]
-    pub standby_since: Option<Millis>,
-    /// Energy saved in earlier standby periods, watt-hours.
-    #[serde(default)]
-    pub energy_saved_wh: f64,
-    /// Registered and not heard from yet (no heartbeat since it first
-    /// joined): out of placement. Records from before this field have
-    /// heartbeated, hence the default.
-    #[serde(default)]
-    pub joining: bool,
-    /// Bumped with every change to what the host should run.
-    pub generation: u64,
-    pub token_sha256: String,
-    pub agent_secret: String,
-    pub created_at: Millis,
-}
-
-/// What an operator (or power saving) made of a host.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostMode {
-    /// Takes VMs.
-    #[default]
-    Active,
-    Disabled,
-    Draining,
-    Maintenance,
-    Standby,
-}
-
-fn maintenance() -> HostMode {
-    HostMode::Maintenance
-}
-
-/// What is known of a host only while the controller runs.
-#[derive(Clone, Debug)]
-pub struct HostLive {
-    pub last_seen: Instant,
-    pub last_heartbeat: Option<Millis>,
-    pub load: Option<HostLoad>,
-    pub applied_generation: u64,
-    pub down: bool,
-    /// Since when the load has stayed above the rebalancing threshold.
-    pub overloaded_since: Option<Instant>,
-}
-
-#[derive(Clone, Debug)]
-pub struct HostEntry {
-    pub rec: HostRecord,
-    pub live: HostLive,
-}
-
-impl HostEntry {
-    pub fn new(rec: HostRecord) -> Self {
-        HostEntry {
-            rec,
-            live: HostLive {
-                last_seen: Instant::now(),
-                last_heartbeat: None,
-                load: None,
-                applied_generation: 0,
-                down: false,
-                overloaded_since: None,
-            },
-        }
-    }
-
-    /// `down` shows through the operator's modes (a silent host is news
-    /// either way), except `standby`, where silence is the point.
-    pub fn state(&self) -> HostState {
-        match self.rec.mode {
-            HostMode::Standby => HostState::Standby,
-            _ if self.live.down => HostState::Down,
-            _ if self.rec.joining => HostState::Joining,
-            HostMode::Active => HostState::Ready,
-            HostMode::Disabled => HostState::Disabled,
-            HostMode::Draining => HostState::Draining,
-            HostMode::Maintenance => HostState::Maintenance,
-        }
-    }
-}
-
-impl HostEntry {
-    /// The state the host's requests are judged by (see [`transitions`]):
-    /// its state, except that a down host draining or in maintenance is
-    /// judged by that (hosts are often switched off for maintenance).
-    pub fn row(&self) -> HostState {
-        match (self.state(), self.rec.mode) {
-            (HostState::Down, HostMode::Draining) => HostState::Draining,
-            (HostState::Down, HostMode::Maintenance) => HostState::Maintenance,
-            (state, _) => state,
-        }
-    }
-
-    /// The host as the scheduler sees it.
-    pub fn sched_info(&self) -> kumo_sched::HostInfo {
-        kumo_sched::HostInfo {
-            name: self.rec.name.clone(),
-            zone: self.rec.zone.clone(),
-            capacity: self.rec.capacity,
-            cpu_overcommit: self.rec.cpu_overcommit,
-            memory_overcommit: self.rec.memory_overcommit,
-            cpu_model: self.rec.cpu_model.clone(),
-            accel: self.rec.hypervisor.accel.clone(),
-            labels: self.rec.labels.clone(),
-            schedulable: self.state() == HostState::Ready,
-            load: self.live.load.map_or(0.0, |l| f64::from(l.cpu_percent)),
-        }
-    }
-}
 
 impl Inventory {
     pub fn host_view(&self, h: &HostEntry) -> Host {
@@ -363,7 +220,7 @@ impl App {
             created_at: existing.as_ref().map_or_else(now_ms, |o| o.created_at),
         };
         let mut batch = Batch::default();
-        batch.put(key(&rec.name), &rec);
+        batch.put(host_key(&rec.name), &rec);
         let (kind, what) = if existing.is_some() {
             ("host.rejoined", "rejoined")
         } else {
@@ -415,60 +272,6 @@ impl App {
             .host_tokens
             .get(&sha256_hex(token))
             .cloned()
-    }
-
-    /// Record a heartbeat: liveness and load in memory, VM states through
-    /// to the store when they change.
-    pub async fn host_heartbeat(&self, host: &str, hb: Heartbeat) -> Result<HeartbeatResponse> {
-        let mut inv = self.inv.write().await;
-        let entry = lookup(&inv.hosts, "host", host)?.clone();
-        let mut batch = Batch::default();
-        if entry.live.down {
-            batch.event(
-                "host.up",
-                format!("host/{host}"),
-                &entry.rec.project,
-                "heartbeats resumed".into(),
-            );
-        }
-        let applied = hb.applied_generation;
-        let reported = vms::reconcile_reported(&inv, &entry.rec, applied, &hb.vms, &mut batch);
-        self.commit(&mut inv, batch).await?;
-        self.apply_reported(&mut inv, host, &hb.vms, reported);
-        let e = inv.hosts.get_mut(host).expect("host looked up above");
-        let hot = f64::from(hb.load.cpu_percent) > self.rebalance.threshold;
-        e.live = HostLive {
-            last_seen: Instant::now(),
-            last_heartbeat: Some(now_ms()),
-            load: Some(hb.load),
-            applied_generation: applied,
-            down: false,
-            overloaded_since: hot.then(|| entry.live.overloaded_since.unwrap_or_else(Instant::now)),
-        };
-        let generation = e.rec.generation;
-        if e.rec.joining {
-            // After the VM reports, which may have bumped the generation.
-            let rec = HostRecord {
-                joining: false,
-                ..e.rec.clone()
-            };
-            let mut batch = Batch::default();
-            batch.put(key(host), &rec);
-            batch.event(
-                "host.ready",
-                format!("host/{host}"),
-                &rec.project,
-                "first heartbeat: the host takes VMs".into(),
-            );
-            self.commit(&mut inv, batch).await?;
-            inv.set_host_record(rec);
-        } else if entry.live.down {
-            // Back from down: schedulable again.
-            inv.sync_host(host);
-        } else {
-            inv.cluster.set_load(host, f64::from(hb.load.cpu_percent));
-        }
-        Ok(HeartbeatResponse { generation })
     }
 
     /// The host's desired state; with `after`, wait up to `wait` for a
@@ -551,7 +354,7 @@ impl App {
         let mut rec = entry.rec.clone();
         if let Some((kind, msg)) = change(&mut rec) {
             let mut batch = Batch::default();
-            batch.put(key(name), &rec);
+            batch.put(host_key(name), &rec);
             batch.event(kind, format!("host/{name}"), &rec.project, msg);
             self.commit(&mut inv, batch).await?;
             inv.set_host_record(rec);
@@ -575,7 +378,7 @@ impl App {
             .into());
         }
         let mut batch = Batch::default();
-        batch.delete(key(name));
+        batch.delete(host_key(name));
         batch.event(
             "host.removed",
             format!("host/{name}"),
@@ -586,52 +389,6 @@ impl App {
         inv.hosts.remove(name);
         inv.sync_host(name);
         inv.host_tokens.remove(&rec.token_sha256);
-        Ok(())
-    }
-
-    /// Mark hosts whose heartbeats stopped as down, and their VMs unknown.
-    pub async fn host_check_liveness(&self) -> Result<()> {
-        let stale: Vec<String> = {
-            let inv = self.inv.read().await;
-            // A standby host is switched off: its silence is expected.
-            inv.hosts
-                .values()
-                .filter(|h| h.rec.mode != HostMode::Standby)
-                .filter(|h| !h.live.down && h.live.last_seen.elapsed() > self.down_after)
-                .map(|h| h.rec.name.clone())
-                .collect()
-        };
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let mut inv = self.inv.write().await;
-        for name in stale {
-            let Some(entry) = inv.hosts.get(&name).cloned() else {
-                continue;
-            };
-            if entry.live.last_seen.elapsed() <= self.down_after
-                || entry.rec.mode == HostMode::Standby
-            {
-                continue;
-            }
-            let mut batch = Batch::default();
-            batch.event(
-                "host.down",
-                format!("host/{name}"),
-                &entry.rec.project,
-                format!(
-                    "no heartbeat for {:.1} s",
-                    entry.live.last_seen.elapsed().as_secs_f32()
-                ),
-            );
-            let changed = vms::mark_unknown(&inv, &entry.rec, &mut batch);
-            self.commit(&mut inv, batch).await?;
-            for vm in changed {
-                inv.put_vm(vm);
-            }
-            inv.hosts.get_mut(&name).expect("present").live.down = true;
-            inv.sync_host(&name);
-        }
         Ok(())
     }
 }

@@ -7,17 +7,12 @@
 //! naming `file` and leaves nothing behind; an accepted one is checksummed
 //! and kept under `<data-dir>/images/<id>`.
 
+use super::records::image_key;
 use super::{lookup, now_ms, App, Batch};
 use crate::error::Result;
 use kumo_api::{validate_name, ApiError, ErrorCode, Image, DEFAULT_PROJECT};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
-
-pub const PREFIX: &str = "images/";
-
-fn key(name: &str) -> String {
-    format!("{PREFIX}{name}")
-}
 
 /// Judge an uploaded file with the inspection every agent repeats on
 /// download: a bad image is the uploader's fault (400, `file`), a failure
@@ -118,7 +113,7 @@ impl App {
             .await
             .map_err(crate::Error::internal)?;
         let mut batch = Batch::default();
-        batch.put(key(name), &image);
+        batch.put(image_key(name), &image);
         batch.event(
             "image.imported",
             format!("image/{name}"),
@@ -156,7 +151,7 @@ impl App {
             .into());
         }
         let mut batch = Batch::default();
-        batch.delete(key(name));
+        batch.delete(image_key(name));
         batch.event(
             "image.deleted",
             format!("image/{name}"),

@@ -1,20 +1,12 @@
 //! Join tokens: secrets that let a new host register itself.
 
+use super::records::{join_token_key, TokenRecord};
 use super::{now_ms, random_secret, sha256_hex, App, Batch};
 use crate::error::Result;
 use kumo_api::{CreateJoinToken, JoinToken, DEFAULT_PROJECT};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub const PREFIX: &str = "join-tokens/";
 const DEFAULT_TTL_SECONDS: u64 = 86_400;
-
-/// A join token as stored: the secret itself only as a hash.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub token: JoinToken,
-    pub sha256: String,
-}
 
 impl App {
     pub async fn join_token_create(&self, req: CreateJoinToken) -> Result<JoinToken> {
@@ -34,7 +26,7 @@ impl App {
         };
         let mut inv = self.inv.write().await;
         let mut batch = Batch::default();
-        batch.put(format!("{PREFIX}{}", token.id), &rec);
+        batch.put(join_token_key(token.id), &rec);
         batch.event(
             "join_token.created",
             format!("join-token/{}", token.id),

@@ -39,9 +39,10 @@
 //! host's name and agent address, shell-quoted (also in `$KUMO_HOST` and
 //! `$KUMO_ADDRESS`). Their output is logged.
 
-use super::{hosts, lookup, now_ms, zones, App, Batch, Inventory};
+use super::passes::PowerMemory;
+use super::records::{host_key, zone_key, HostMode, HostRecord};
+use super::{lookup, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
-use hosts::HostMode;
 use kumo_api::{
     ApiError, HostState, MigrateVm, PowerSaving, PowerSavingStatus, PowerState, VmState, Zone,
 };
@@ -61,27 +62,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIET_PERIODS: u32 = 10;
 const MAX_COMMAND_BYTES: usize = 4096;
 const MS_PER_HOUR: f64 = 3_600_000.0;
-
-/// Power saving's memory between passes (lost on restart, which only
-/// costs a retry or an early consolidation).
-#[derive(Default)]
-pub(crate) struct PowerSaver {
-    /// Zones of placements refused since the last pass (`None`: any
-    /// zone), and when.
-    demand: std::sync::Mutex<Vec<(Option<String>, Instant)>>,
-    /// Held across a pass (and a `DELETE`), commands included.
-    memory: tokio::sync::Mutex<PowerMemory>,
-}
-
-#[derive(Default)]
-struct PowerMemory {
-    /// Hosts switched on and not reporting yet.
-    booting: HashMap<String, Instant>,
-    /// Per zone, when a host was last switched on.
-    powered_on: HashMap<String, Instant>,
-    /// Hosts whose command failed, and when.
-    failed: HashMap<String, Instant>,
-}
 
 /// Check power-saving settings, naming the first field out of range.
 fn check_settings(p: &PowerSaving) -> Result<()> {
@@ -218,7 +198,7 @@ async fn run_command(
 
 impl Inventory {
     /// Energy power saving saved on a host so far, watt-hours.
-    pub fn energy_saved_wh(&self, rec: &hosts::HostRecord) -> f64 {
+    pub fn energy_saved_wh(&self, rec: &HostRecord) -> f64 {
         let current = match (rec.standby_since, self.idle_watts(&rec.zone)) {
             (Some(since), Some(watts)) => {
                 watts * now_ms().saturating_sub(since) as f64 / MS_PER_HOUR
@@ -257,7 +237,7 @@ impl Inventory {
 }
 
 /// Being emptied for standby.
-fn emptying(rec: &hosts::HostRecord) -> bool {
+fn emptying(rec: &HostRecord) -> bool {
     rec.mode == HostMode::Draining && rec.after_drain == HostMode::Standby
 }
 
@@ -290,8 +270,7 @@ impl App {
             .unwrap_or_default();
         let inv = self.inv.read().await;
         let z = lookup(&inv.zones, "zone", zone)?;
-        let hosts: Vec<&hosts::HostEntry> =
-            inv.hosts.values().filter(|h| h.rec.zone == zone).collect();
+        let hosts: Vec<&HostEntry> = inv.hosts.values().filter(|h| h.rec.zone == zone).collect();
         Ok(PowerSavingStatus {
             zone: zone.to_string(),
             settings: z.power_saving.clone(),
@@ -321,7 +300,7 @@ impl App {
             ..lookup(&inv.zones, "zone", zone)?.clone()
         };
         let mut batch = Batch::default();
-        batch.put(zones::key(zone), &z);
+        batch.put(zone_key(zone), &z);
         batch.event(
             "zone.power_saving",
             format!("zone/{zone}"),
@@ -352,7 +331,7 @@ impl App {
             ..old
         };
         let mut batch = Batch::default();
-        batch.put(zones::key(zone), &z);
+        batch.put(zone_key(zone), &z);
         batch.event(
             "zone.power_saving",
             format!("zone/{zone}"),
@@ -364,12 +343,12 @@ impl App {
         let mut standby = Vec::new();
         for h in inv.hosts.values().filter(|h| h.rec.zone == zone) {
             if emptying(&h.rec) {
-                let rec = hosts::HostRecord {
+                let rec = HostRecord {
                     mode: HostMode::Active,
                     after_drain: HostMode::Maintenance,
                     ..h.rec.clone()
                 };
-                batch.put(hosts::key(&rec.name), &rec);
+                batch.put(host_key(&rec.name), &rec);
                 batch.event(
                     "power.abandoned",
                     format!("host/{}", rec.name),
@@ -378,11 +357,11 @@ impl App {
                 );
                 standby.push((rec, false));
             } else if h.rec.mode == HostMode::Standby {
-                let rec = hosts::HostRecord {
+                let rec = HostRecord {
                     energy_saved_wh: inv.energy_saved_wh(&h.rec),
                     ..h.rec.clone()
                 };
-                batch.put(hosts::key(&rec.name), &rec);
+                batch.put(host_key(&rec.name), &rec);
                 standby.push((rec, true));
             }
         }
@@ -441,7 +420,7 @@ impl App {
             return Ok(());
         }
         let saved = inv.energy_saved_wh(&entry.rec);
-        let rec = hosts::HostRecord {
+        let rec = HostRecord {
             mode: if entry.rec.mode == HostMode::Standby {
                 HostMode::Active
             } else {
@@ -452,7 +431,7 @@ impl App {
             standby_since: None,
             ..entry.rec.clone()
         };
-        batch.put(hosts::key(&p.host), &rec);
+        batch.put(host_key(&p.host), &rec);
         batch.event(
             "power.on",
             format!("host/{}", p.host),
@@ -601,11 +580,11 @@ impl App {
         let rec = match outcome {
             Ok(()) => {
                 mem.failed.remove(host);
-                let rec = hosts::HostRecord {
+                let rec = HostRecord {
                     standby_since: Some(now_ms()),
                     ..entry.rec.clone()
                 };
-                batch.put(hosts::key(host), &rec);
+                batch.put(host_key(host), &rec);
                 batch.event(
                     "power.standby",
                     format!("host/{host}"),
@@ -643,7 +622,7 @@ impl App {
             if emptying(&h.rec) {
                 let stuck = inv.vms_on(h.rec.id).find(|v| v.migration.is_none());
                 if let Some(vm) = stuck {
-                    let rec = hosts::HostRecord {
+                    let rec = HostRecord {
                         mode: HostMode::Active,
                         after_drain: HostMode::Maintenance,
                         ..h.rec.clone()
@@ -662,16 +641,16 @@ impl App {
                             vm.name
                         ),
                     );
-                    batch.put(hosts::key(&rec.name), &rec);
+                    batch.put(host_key(&rec.name), &rec);
                     recs.push(rec);
                 }
             } else if h.rec.mode != HostMode::Standby && h.rec.standby_since.is_some() {
-                let rec = hosts::HostRecord {
+                let rec = HostRecord {
                     energy_saved_wh: inv.energy_saved_wh(&h.rec),
                     standby_since: None,
                     ..h.rec.clone()
                 };
-                batch.put(hosts::key(&rec.name), &rec);
+                batch.put(host_key(&rec.name), &rec);
                 recs.push(rec);
             }
         }
@@ -732,14 +711,14 @@ impl App {
             return Ok(());
         }
         let load = h.live.load.map_or(0.0, |l| l.cpu_percent);
-        let rec = hosts::HostRecord {
+        let rec = HostRecord {
             mode: HostMode::Draining,
             after_drain: HostMode::Standby,
             welcome_back: false,
             ..h.rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(hosts::key(&host), &rec);
+        batch.put(host_key(&host), &rec);
         batch.event(
             "host.draining",
             format!("host/{host}"),

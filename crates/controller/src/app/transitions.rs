@@ -391,8 +391,8 @@ mod tests {
         let entry = inv.hosts.get_mut(name).unwrap();
         match state {
             HostState::Down => entry.live.down = true,
-            HostState::Maintenance => entry.rec.mode = crate::app::hosts::HostMode::Maintenance,
-            HostState::Standby => entry.rec.mode = crate::app::hosts::HostMode::Standby,
+            HostState::Maintenance => entry.rec.mode = crate::app::records::HostMode::Maintenance,
+            HostState::Standby => entry.rec.mode = crate::app::records::HostMode::Standby,
             _ => {}
         }
         inv.sync_host(name);

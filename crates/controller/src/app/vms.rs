@@ -34,21 +34,15 @@
 //! generation) is committed in the same store transaction as the VM, so a
 //! controller killed in between loses nothing.
 
+use super::records::{vm_key, vm_record};
 use super::transitions::{self, VmRequest};
-use super::{hosts, lookup, migrations, now_ms, App, Batch, Inventory};
+use super::{bump_generation, lookup, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
     validate_name, ApiError, CapacityQuery, CapacityReport, ConsoleLog, CpuPolicy, CreateVm,
     ErrorCode, ObservedState, PowerState, Resources, Vm, VmState, VmStatus, DEFAULT_PROJECT,
 };
-use std::collections::{BTreeSet, HashMap};
 use uuid::Uuid;
-
-pub const PREFIX: &str = "vms/";
-
-pub(super) fn key(name: &str) -> String {
-    format!("{PREFIX}{name}")
-}
 
 /// The largest root disk; `CreateVm::disk_gib`'s schema says the same.
 const MAX_DISK_GIB: u64 = 64 * 1024;
@@ -144,18 +138,6 @@ fn parse_expr(field: &str, src: &Option<String>) -> Result<Option<kumo_sched::ex
         .transpose()
 }
 
-/// The VM as the store keeps it: measurements stay in memory.
-pub(super) fn record(vm: &Vm) -> Vm {
-    Vm {
-        cpu_percent: None,
-        migration: vm.migration.clone().map(|m| kumo_api::Migration {
-            progress: None,
-            ..m
-        }),
-        ..vm.clone()
-    }
-}
-
 /// The state users see, from the desired power state and the host's report.
 pub(super) fn derive_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<String>) {
     let (state, message) = derive_power_state(vm, status);
@@ -197,173 +179,6 @@ fn derive_power_state(vm: &Vm, status: Option<&VmStatus>) -> (VmState, Option<St
             }
         },
     }
-}
-
-/// Work out what a heartbeat changes: VMs whose state moved (to store),
-/// deleted VMs the host confirms gone (to remove), and hosts whose desired
-/// state changed with them.
-#[derive(Default)]
-pub(super) struct Reported {
-    pub changed: Vec<Vm>,
-    pub removed: Vec<String>,
-    pub bump: BTreeSet<Uuid>,
-    pub hosts: Vec<hosts::HostRecord>,
-}
-
-pub(super) fn reconcile_reported(
-    inv: &Inventory,
-    host: &hosts::HostRecord,
-    applied: u64,
-    statuses: &[VmStatus],
-    batch: &mut Batch,
-) -> Reported {
-    // The host runs what we last asked for. (An agent ahead of us applied
-    // the state of a removed host of the same name: not caught up.)
-    let caught_up = applied == host.generation;
-    let mut out = Reported::default();
-    let statuses: HashMap<Uuid, &VmStatus> = statuses.iter().map(|s| (s.id, s)).collect();
-    for vm in inv.vms_incoming(host.id) {
-        migrations::step(
-            inv,
-            vm,
-            host.id,
-            statuses.get(&vm.id).copied(),
-            &mut out,
-            batch,
-        );
-    }
-    for vm in inv.vms_on(host.id) {
-        let status = statuses.get(&vm.id).copied();
-        if vm.migration.is_some() || vm.last_migration.is_some() {
-            let before = out.changed.len();
-            migrations::step(inv, vm, host.id, status, &mut out, batch);
-            if out.changed.len() > before {
-                continue;
-            }
-        }
-        if vm.state == VmState::Deleting {
-            if caught_up && status.is_none() {
-                batch.delete(key(&vm.name));
-                batch.event(
-                    "vm.deleted",
-                    format!("vm/{}", vm.name),
-                    &vm.project,
-                    format!("deleted from host {}", host.name),
-                );
-                out.removed.push(vm.name.clone());
-            }
-            continue;
-        }
-        let mut next = vm.clone();
-        // The guest powered itself off: the host has applied our latest
-        // wishes (agents reset a VM's status when its spec changes, so this
-        // report is about the current one) and left it down, so take that as
-        // the new desired state.
-        if caught_up
-            && vm.power == PowerState::Running
-            && status.is_some_and(|s| s.state == ObservedState::Stopped && s.reboots >= vm.reboots)
-        {
-            next.power = PowerState::Stopped;
-            out.bump.insert(host.id);
-        }
-        let (state, message) = derive_state(&next, status);
-        next.state = state;
-        next.message = message;
-        if next.state != vm.state || next.power != vm.power || next.message != vm.message {
-            let detail = next
-                .message
-                .clone()
-                .unwrap_or_else(|| format!("on host {}", host.name));
-            batch.event(
-                &format!("vm.{}", next.state),
-                format!("vm/{}", vm.name),
-                &vm.project,
-                detail,
-            );
-            batch.put(key(&vm.name), &record(&next));
-            out.changed.push(next);
-        }
-    }
-    for id in std::mem::take(&mut out.bump) {
-        match bump_generation(inv, id, batch) {
-            Ok(rec) => out.hosts.push(rec),
-            Err(e) => tracing::error!(error = %e, "bumping a host's generation"),
-        }
-    }
-    out
-}
-
-impl App {
-    pub(super) fn apply_reported(
-        &self,
-        inv: &mut Inventory,
-        host: &str,
-        statuses: &[VmStatus],
-        reported: Reported,
-    ) {
-        for vm in reported.changed {
-            inv.put_vm(vm);
-        }
-        for name in reported.removed {
-            inv.remove_vm(&name);
-        }
-        for s in statuses {
-            inv.set_cpu_percent(s.id, s.cpu_percent);
-        }
-        migrations::record_progress(inv, host, statuses);
-        for rec in reported.hosts {
-            self.install_host(inv, rec);
-        }
-    }
-}
-
-/// VMs on a host that just went down become `unknown`.
-pub(super) fn mark_unknown(
-    inv: &Inventory,
-    host: &hosts::HostRecord,
-    batch: &mut Batch,
-) -> Vec<Vm> {
-    let mut changed = Vec::new();
-    for vm in inv.vms_on(host.id).filter(|v| v.state != VmState::Deleting) {
-        let next = Vm {
-            state: VmState::Unknown,
-            message: Some(format!("host {} is down", host.name)),
-            cpu_percent: None,
-            ..vm.clone()
-        };
-        batch.put(key(&vm.name), &next);
-        changed.push(next);
-    }
-    if !changed.is_empty() {
-        batch.event(
-            "vm.unknown",
-            format!("host/{}", host.name),
-            &host.project,
-            format!(
-                "{} VM(s) on host {} are unknown while it is down",
-                changed.len(),
-                host.name
-            ),
-        );
-    }
-    changed
-}
-
-/// The VM's host record with its generation bumped, put into the batch.
-pub(super) fn bump_generation(
-    inv: &Inventory,
-    host_id: Uuid,
-    batch: &mut Batch,
-) -> Result<hosts::HostRecord> {
-    let entry = inv.host_by_id(host_id).ok_or_else(|| {
-        crate::Error::internal(format!("VM host {host_id} missing from inventory"))
-    })?;
-    let rec = hosts::HostRecord {
-        generation: entry.rec.generation + 1,
-        ..entry.rec.clone()
-    };
-    batch.put(hosts::key(&rec.name), &rec);
-    Ok(rec)
 }
 
 impl App {
@@ -473,7 +288,7 @@ impl App {
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
-        batch.put(key(&vm.name), &vm);
+        batch.put(vm_key(&vm.name), &vm);
         let rec = match bump_generation(&inv, host.id, &mut batch) {
             Ok(rec) => rec,
             Err(e) => {
@@ -499,13 +314,6 @@ impl App {
         Ok(vm)
     }
 
-    pub(super) fn install_host(&self, inv: &mut Inventory, rec: hosts::HostRecord) {
-        let (id, generation) = (rec.id, rec.generation);
-        let name = rec.name.clone();
-        inv.hosts.get_mut(&name).expect("host present").rec = rec;
-        self.publish_generation(id, generation);
-    }
-
     /// Change a VM's desired state and bump its host's generation, if its
     /// state accepts the request (see [`transitions`]).
     async fn vm_change(
@@ -520,7 +328,7 @@ impl App {
         change(&mut vm);
         let verb = request.verb();
         let mut batch = Batch::default();
-        batch.put(key(name), &record(&vm));
+        batch.put(vm_key(name), &vm_record(&vm));
         let rec = bump_generation(&inv, vm.host_id, &mut batch)?;
         batch.event(
             &format!("vm.{verb}"),

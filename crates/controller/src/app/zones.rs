@@ -1,15 +1,10 @@
 //! Zones: sites, campuses or racks that fail together.
 
+use super::records::zone_key;
 use super::{lookup, now_ms, App, Batch};
 use crate::error::Result;
 use kumo_api::{validate_name, ApiError, CreateZone, ErrorCode, Zone, DEFAULT_PROJECT};
 use uuid::Uuid;
-
-pub const PREFIX: &str = "zones/";
-
-pub(super) fn key(name: &str) -> String {
-    format!("{PREFIX}{name}")
-}
 
 impl super::Inventory {
     /// Fail unless `zone` exists, naming the `field` and the known zones.
@@ -50,7 +45,7 @@ impl App {
             power_saving: None,
         };
         let mut batch = Batch::default();
-        batch.put(key(&zone.name), &zone);
+        batch.put(zone_key(&zone.name), &zone);
         batch.event(
             "zone.created",
             format!("zone/{}", zone.name),
@@ -75,7 +70,7 @@ impl App {
             .into());
         }
         let mut batch = Batch::default();
-        batch.delete(key(name));
+        batch.delete(zone_key(name));
         batch.event(
             "zone.deleted",
             format!("zone/{name}"),
