@@ -439,7 +439,11 @@ impl App {
             applied_generation: applied,
             down: false,
             overloaded_since: hot.then(|| entry.live.overloaded_since.unwrap_or_else(Instant::now)),
+            waking_since: None,
         };
+        if let Some(since) = entry.live.waking_since {
+            self.power_booted(since.elapsed());
+        }
         let generation = e.rec.generation;
         if e.rec.joining {
             // After the VM reports, which may have bumped the generation.

@@ -225,6 +225,8 @@ pub struct HostLive {
     pub down: bool,
     /// Since when the load has stayed above the rebalancing threshold.
     pub overloaded_since: Option<Instant>,
+    /// When power saving switched the host on, until it reports.
+    pub waking_since: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -244,6 +246,7 @@ impl HostEntry {
                 applied_generation: 0,
                 down: false,
                 overloaded_since: None,
+                waking_since: None,
             },
         }
     }

@@ -247,8 +247,10 @@ impl App {
             Ok(p) => p,
             Err(refusal) => {
                 // Power saving may switch a standby host on for this.
-                self.placement_refused(req.zone.clone());
-                return Err(no_valid_host(&refusal).into());
+                let refusal = no_valid_host(&refusal);
+                return Err(self
+                    .placement_refused(&inv, &req.name, &request, refusal)
+                    .into());
             }
         };
         let host = inv.hosts[&placement.host].rec.clone();
