@@ -684,6 +684,10 @@ pub struct PlannedMove {
     /// Why no host can take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// The VM is migrating to the drained host `from`: the drain cancels
+    /// that migration and the VM stays on `to`, where it runs now.
+    #[serde(default)]
+    pub cancels_arrival: bool,
 }
 
 /// What a drain will do (or is doing).

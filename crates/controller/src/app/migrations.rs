@@ -97,6 +97,46 @@ pub(super) fn abort(
     next
 }
 
+/// Stop a migration (`why`: who asked): at once if nothing was sent yet,
+/// else the source is told to stop sending. `None` if it is being
+/// cancelled already.
+pub(super) fn cancel(
+    vm: &Vm,
+    m: &Migration,
+    why: &str,
+    bump: &mut BTreeSet<Uuid>,
+    batch: &mut Batch,
+) -> Option<Vm> {
+    match m.phase {
+        // Nothing is sent yet: give up at once.
+        MigrationPhase::Preparing => Some(abort(
+            vm,
+            m,
+            MigrationOutcome::Cancelled,
+            format!("{why}: cancelled before the transfer began"),
+            bump,
+            batch,
+        )),
+        MigrationPhase::Transferring => {
+            batch.event(
+                "vm.migration.cancelling",
+                format!("vm/{}", vm.name),
+                &vm.project,
+                format!("{why}; {} stops sending", m.source),
+            );
+            bump.insert(m.source_id);
+            Some(Vm {
+                migration: Some(Migration {
+                    phase: MigrationPhase::Cancelling,
+                    ..m.clone()
+                }),
+                ..vm.clone()
+            })
+        }
+        MigrationPhase::Cancelling => None,
+    }
+}
+
 pub(super) fn storage_name(s: MigrationStorage) -> &'static str {
     match s {
         MigrationStorage::Shared => "shared",
@@ -286,45 +326,38 @@ impl App {
         };
         let mut bump = BTreeSet::new();
         let mut batch = Batch::default();
-        let next = match m.phase {
-            // Nothing is sent yet: give up at once.
-            MigrationPhase::Preparing => abort(
-                &vm,
-                &m,
-                MigrationOutcome::Cancelled,
-                "cancelled before the transfer began".into(),
-                &mut bump,
-                &mut batch,
-            ),
-            MigrationPhase::Transferring => {
-                batch.event(
-                    "vm.migration.cancelling",
-                    format!("vm/{name}"),
-                    &vm.project,
-                    format!("cancel asked; {} stops sending", m.source),
-                );
-                bump.insert(m.source_id);
-                Vm {
-                    migration: Some(Migration {
-                        phase: MigrationPhase::Cancelling,
-                        ..m
-                    }),
-                    ..vm.clone()
-                }
-            }
-            MigrationPhase::Cancelling => return Ok(vm),
+        let Some(next) = cancel(&vm, &m, "cancel asked", &mut bump, &mut batch) else {
+            return Ok(vm);
         };
-        batch.put(vm_key(name), &vm_record(&next));
+        self.commit_vm_steps(&mut inv, batch, vec![next.clone()], bump)
+            .await?;
+        Ok(next)
+    }
+
+    /// Commit VMs changed by migration steps with the generations of the
+    /// hosts they concern bumped.
+    pub(super) async fn commit_vm_steps(
+        &self,
+        inv: &mut Inventory,
+        mut batch: Batch,
+        vms: Vec<Vm>,
+        bump: BTreeSet<Uuid>,
+    ) -> Result<()> {
+        for vm in &vms {
+            batch.put(vm_key(&vm.name), &vm_record(vm));
+        }
         let recs = bump
             .iter()
-            .map(|id| bump_generation(&inv, *id, &mut batch))
+            .map(|id| bump_generation(inv, *id, &mut batch))
             .collect::<Result<Vec<_>>>()?;
-        self.commit(&mut inv, batch).await?;
-        inv.put_vm(next.clone());
-        for rec in recs {
-            self.install_host(&mut inv, rec);
+        self.commit(inv, batch).await?;
+        for vm in vms {
+            inv.put_vm(vm);
         }
-        Ok(next)
+        for rec in recs {
+            self.install_host(inv, rec);
+        }
+        Ok(())
     }
 
     /// Give up on migrations whose target never got ready or went down

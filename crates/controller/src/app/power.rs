@@ -931,7 +931,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod wake_tests {
+pub(crate) mod wake_tests {
     use super::*;
     use crate::app::testing::{HostSpec, TestApp};
     use kumo_api::{CreateVm, ErrorCode};
@@ -949,11 +949,15 @@ mod wake_tests {
         inv.set_host_record(rec);
     }
 
+    #[tokio::test]
+    async fn the_standby_host_that_fits_is_woken_first_time() {
+        check().await;
+    }
+
     /// Three standby hosts, only the smallest of which has the label a
     /// VM requires: the refusal names it, and the next pass switches on
     /// that host and no other; a second refusal waits for it.
-    #[tokio::test]
-    async fn the_standby_host_that_fits_is_woken_first_time() {
+    pub(crate) async fn check() {
         let t = TestApp::new(Duration::from_secs(600)).await;
         t.ready_host(HostSpec::new("h1")).await;
         let settings = PowerSaving {
