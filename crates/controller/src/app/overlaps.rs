@@ -16,7 +16,7 @@
 //! | standby (power saving)            | enable, disable, drain, undrain| refused: power saving switches it on when needed (*state table*) |
 //! | host switching on (power saving)  | a placement only it would take | refused, naming that host and when to retry; no other host is woken (`power.rs`) |
 //! | migration (any reason)            | stop, start, reboot, delete, migrate | refused: cancel first (*state table*) |
-//! | migration (drain, rebalance)      | cancel                         | cancelled; the VM stays; the mover or rebalancer may try again after 30 s |
+//! | migration (a drain's)            | cancel                         | cancelled; the VM stays; the drain's mover tries it again after 30 s (`RETRY_AFTER_MS`), not at once |
 //! | host down                         | stop, start, reboot, migrate   | refused: the VM is `unknown` until the host reports (*state table*) |
 //! | VM being deleted                  | drain of its host              | left out of the plan: it is going anyway |
 //!
