@@ -543,6 +543,54 @@ pub enum MigrationPhase {
     Cancelling,
 }
 
+/// Why a VM moves. Stored with the migration and its result, carried by
+/// the migration events (`Event::migration_reason`), and shown in JSON as
+/// an object tagged by `kind`, e.g. `{"kind": "drain", "host": "h1"}`; its
+/// `Display` is the sentence the CLI and event messages print.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MigrationReason {
+    /// An operator asked for it (`kumo vm migrate`).
+    Operator,
+    /// The drain of `host` (alone or with its zone) moves its VMs away.
+    Drain {
+        #[schema(max_length = 63)]
+        host: String,
+    },
+    /// `host` was undrained with `return`: the VM its drain moved away goes
+    /// back to it.
+    ReturnAfterDrain {
+        #[schema(max_length = 63)]
+        host: String,
+    },
+    /// Rebalancing moves the VM off an overloaded host; `detail` is the
+    /// planner's account (loads before and after, imbalance, MiB to copy).
+    Rebalance {
+        #[schema(max_length = 1024)]
+        detail: String,
+    },
+    /// Power saving empties a lightly loaded host to switch it off;
+    /// `detail` is the planner's account.
+    PowerSaving {
+        #[schema(max_length = 1024)]
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for MigrationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationReason::Operator => write!(f, "requested"),
+            MigrationReason::Drain { host } => write!(f, "drain of host {host}"),
+            MigrationReason::ReturnAfterDrain { host } => {
+                write!(f, "return to host {host} after its drain")
+            }
+            MigrationReason::Rebalance { detail } => write!(f, "rebalance: {detail}"),
+            MigrationReason::PowerSaving { detail } => write!(f, "power saving: {detail}"),
+        }
+    }
+}
+
 /// A live migration under way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Migration {
@@ -558,8 +606,8 @@ pub struct Migration {
     pub phase: MigrationPhase,
     /// The longest pause of the guest QEMU may aim for at switch-over.
     pub downtime_limit_ms: u64,
-    /// Why it moves: `requested`, `drain of host h1`, `rebalance: ...`.
-    pub reason: String,
+    /// Why it moves.
+    pub reason: MigrationReason,
     /// Where the target listens (known once it is ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
@@ -631,7 +679,8 @@ pub struct MigrationResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_at_us: Option<u64>,
     pub total_ms: u64,
-    pub reason: String,
+    /// Why it moved (or tried to).
+    pub reason: MigrationReason,
     pub finished_at: Millis,
 }
 
@@ -827,6 +876,10 @@ pub struct Event {
     pub resource: String,
     pub project: String,
     pub message: String,
+    /// Why the VM moves, on the events of a migration (`vm.migration.*`,
+    /// `vm.migrated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_reason: Option<MigrationReason>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]

@@ -23,18 +23,30 @@ impl Error {
     }
 }
 
+/// An error with its causes, outermost first, joined by `: ` (`state
+/// store: SQLite store operation failed: database is locked`). Logs print
+/// errors through it (`error = %Chain(&e)`), as a message does not repeat
+/// its cause and the outermost one alone hides what went wrong.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let body = match self {
             Error::Api(e) => e,
             other => {
-                let mut chain = other.to_string();
-                let mut source = std::error::Error::source(&other);
-                while let Some(s) = source {
-                    chain.push_str(": ");
-                    chain.push_str(&s.to_string());
-                    source = s.source();
-                }
+                let chain = Chain(&other).to_string();
                 tracing::error!(error = %chain, "internal error");
                 ApiError::server(ErrorCode::Internal, chain)
             }
@@ -54,3 +66,24 @@ impl IntoResponse for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_names_every_cause() {
+        let codec = serde_json::from_str::<u8>("x").expect_err("not JSON");
+        let cause = codec.to_string();
+        let e = Error::Store(kumo_store::Error::Codec {
+            key: "vms/a".into(),
+            source: codec,
+        });
+        assert_eq!(
+            Chain(&e).to_string(),
+            format!(
+                "state store: cannot encode or decode the JSON value of key \"vms/a\": {cause}"
+            )
+        );
+    }
+}

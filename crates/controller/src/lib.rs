@@ -83,7 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let router = http::router(app.clone());
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "http server stopped");
+            tracing::error!(error = %crate::error::Chain(&e), "http server stopped");
         }
     });
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "kumod serving");

@@ -6,7 +6,7 @@
 //! migrating from h3 to h4, still preparing). This controller must load it
 //! and see the same cloud.
 
-use kumo_api::{EventQuery, HostState, MigrationPhase, VmState};
+use kumo_api::{EventQuery, HostState, MigrationPhase, MigrationReason, VmState};
 use kumo_store::{Op, SqliteStore, Store};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ async fn the_previous_releases_state_file_loads() {
         assert_eq!(vm.evacuated_from.as_deref(), Some("h1"));
         let last = vm.last_migration.expect("the drain's move");
         assert_eq!(last.source, "h1");
-        assert_eq!(last.reason, "drain of host h1");
+        assert_eq!(last.reason, MigrationReason::Drain { host: "h1".into() });
     }
     let c = app.vm_get("c").await.expect("VM loads");
     assert_eq!((c.host.as_str(), c.state), ("h2", VmState::Stopped));
@@ -88,7 +88,7 @@ async fn the_previous_releases_state_file_loads() {
     let migration = m.migration.expect("m migrates");
     assert_eq!(migration.target, "h4");
     assert_eq!(migration.phase, MigrationPhase::Preparing);
-    assert_eq!(migration.reason, "requested");
+    assert_eq!(migration.reason, MigrationReason::Operator);
 
     let events = app
         .event_list(&EventQuery {

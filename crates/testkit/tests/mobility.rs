@@ -3,7 +3,7 @@
 
 use kumo_api::{
     CreateGroup, CreateVm, ErrorCode, GroupPolicy, Host, HostState, MigrateVm, MigrationOutcome,
-    PlacementPolicy, Vm, VmState,
+    MigrationReason, PlacementPolicy, Vm, VmState,
 };
 use kumo_client::Client;
 use kumo_testkit::{
@@ -301,7 +301,7 @@ async fn a_host_drain_moves_every_vm_away_within_the_rules_and_undrain_brings_th
         if moved {
             let last = v.last_migration.as_ref().unwrap();
             assert_eq!(last.outcome, MigrationOutcome::Completed, "{last:?}");
-            assert_eq!(last.reason, "drain of host h1");
+            assert_eq!(last.reason, MigrationReason::Drain { host: "h1".into() });
         }
     }
     let host = |n: &str| vms.iter().find(|v| v.name == n).unwrap().host.clone();
@@ -463,9 +463,9 @@ async fn undrain_during_a_drain_still_brings_every_vm_home() {
     let vm = wait_until(T, "big back on h1", || async {
         c.vm("big").await.ok().filter(|v| {
             v.host == "h1"
-                && v.last_migration
-                    .as_ref()
-                    .is_some_and(|l| l.reason.starts_with("return to host h1"))
+                && v.last_migration.as_ref().is_some_and(|l| {
+                    l.reason == MigrationReason::ReturnAfterDrain { host: "h1".into() }
+                })
         })
     })
     .await

@@ -4,8 +4,8 @@
 //! its load, so load can be skewed at will.
 
 use kumo_api::{
-    CreateGroup, CreateVm, ErrorCode, Event, EventQuery, GroupPolicy, Host, HostState, PowerSaving,
-    Vm, VmState,
+    CreateGroup, CreateVm, ErrorCode, Event, EventQuery, GroupPolicy, Host, HostState,
+    MigrationReason, PowerSaving, Vm, VmState,
 };
 use kumo_client::Client;
 use kumo_testkit::{blank_image, vm_request, wait_until, SimCloud};
@@ -100,7 +100,7 @@ async fn create_running(c: &Client, reqs: Vec<CreateVm>) {
 fn rebalancing(v: &Vm) -> bool {
     v.migration
         .as_ref()
-        .is_some_and(|m| m.reason.starts_with("rebalance: "))
+        .is_some_and(|m| matches!(m.reason, MigrationReason::Rebalance { .. }))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -217,7 +217,10 @@ async fn rebalancing_evens_out_skewed_load_within_its_limits() {
     let events = events_after(&c, seq).await;
     let mut starts: Vec<u64> = events
         .iter()
-        .filter(|e| e.kind == "vm.migration.started" && e.message.contains("reason: rebalance: "))
+        .filter(|e| {
+            e.kind == "vm.migration.started"
+                && matches!(e.migration_reason, Some(MigrationReason::Rebalance { .. }))
+        })
         .map(|e| e.time)
         .collect();
     starts.sort();

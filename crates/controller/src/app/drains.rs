@@ -15,12 +15,10 @@ use super::records::{host_key, HostMode, HostRecord};
 use super::transitions::{self, HostRequest};
 use super::{lookup, migration_key, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
-use kumo_api::{DrainPlan, Host, MigrateVm, MigrationOutcome, PlannedMove, Vm, VmState};
+use kumo_api::{
+    DrainPlan, Host, MigrateVm, MigrationOutcome, MigrationReason, PlannedMove, Vm, VmState,
+};
 use std::collections::BTreeSet;
-
-/// What the migrations of a drain give as their reason, first (the VMs
-/// they move remember where they came from).
-pub const REASON_PREFIX: &str = "drain of host ";
 
 /// Migrations the mover keeps under way at once, over the whole cloud.
 pub const PARALLEL_MIGRATIONS: usize = 4;
@@ -341,7 +339,7 @@ impl App {
                     && now.saturating_sub(r.finished_at) < RETRY_AFTER_MS
             })
         };
-        let mut wanted: Vec<(String, Option<String>, String)> = Vec::new();
+        let mut wanted: Vec<(String, Option<String>, MigrationReason)> = Vec::new();
         let mut finished = Vec::new();
         let mut welcomed = Vec::new();
         for h in inv.hosts.values() {
@@ -358,7 +356,9 @@ impl App {
                     }
                     for vm in inv.vms_on(h.rec.id) {
                         if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
-                            let reason = format!("{REASON_PREFIX}{}", h.rec.name);
+                            let reason = MigrationReason::Drain {
+                                host: h.rec.name.clone(),
+                            };
                             wanted.push((vm.name.clone(), None, reason));
                         }
                     }
@@ -369,7 +369,7 @@ impl App {
                     let mut waiting = inv.vms_on(h.rec.id).any(|v| {
                         v.migration
                             .as_ref()
-                            .is_some_and(|m| m.reason.starts_with(REASON_PREFIX))
+                            .is_some_and(|m| matches!(m.reason, MigrationReason::Drain { .. }))
                     });
                     for vm in inv.vms().values() {
                         if vm.evacuated_from.as_deref() != Some(name) {
@@ -377,7 +377,9 @@ impl App {
                         }
                         waiting = true;
                         if vm.migration.is_none() && movable(vm) && !recently_failed(vm) {
-                            let reason = format!("return to host {} after its drain", h.rec.name);
+                            let reason = MigrationReason::ReturnAfterDrain {
+                                host: h.rec.name.clone(),
+                            };
                             wanted.push((vm.name.clone(), Some(h.rec.name.clone()), reason));
                         }
                     }
@@ -398,7 +400,9 @@ impl App {
             };
             match self.start_migration(&mut inv, &vm, req, reason).await {
                 Ok(_) => budget -= 1,
-                Err(e) => tracing::info!(vm = %vm, error = %e, "cannot move VM yet"),
+                Err(e) => {
+                    tracing::info!(vm = %vm, error = %crate::error::Chain(&e), "cannot move VM yet")
+                }
             }
         }
         for name in finished {

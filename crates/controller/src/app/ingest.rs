@@ -11,7 +11,7 @@ use super::{bump_generation, lookup, now_ms, App, Batch, HostLive, Inventory};
 use crate::error::Result;
 use kumo_api::{
     Heartbeat, HeartbeatResponse, HostState, Migration, MigrationOutcome, MigrationPhase,
-    MigrationState, ObservedState, PowerState, Vm, VmState, VmStatus,
+    MigrationReason, MigrationState, ObservedState, PowerState, Vm, VmState, VmStatus,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -105,7 +105,9 @@ pub(super) fn reconcile_reported(
     for id in std::mem::take(&mut out.bump) {
         match bump_generation(inv, id, batch) {
             Ok(rec) => out.hosts.push(rec),
-            Err(e) => tracing::error!(error = %e, "bumping a host's generation"),
+            Err(e) => {
+                tracing::error!(error = %crate::error::Chain(&e), "bumping a host's generation")
+            }
         }
     }
     out
@@ -270,10 +272,10 @@ pub(super) fn step(
                 }),
                 ..vm.clone()
             };
-            batch.event(
+            batch.migration_event(
                 "vm.migration.transferring",
-                format!("vm/{}", vm.name),
-                &vm.project,
+                vm,
+                &m.reason,
                 format!("target {} listens at {uri}; {} sends", m.target, m.source),
             );
             out.bump.insert(m.source_id);
@@ -326,10 +328,10 @@ fn fill_downtime(
     let mut next = vm.clone();
     let result = next.last_migration.as_mut().expect("checked above");
     result.downtime_ms = Some(resumed.saturating_sub(paused) as f64 / 1000.0);
-    batch.event(
+    batch.migration_event(
         "vm.migration.downtime",
-        format!("vm/{}", vm.name),
-        &vm.project,
+        vm,
+        &last.reason,
         format!(
             "guest paused {:.1} ms at the switch-over from {} to {}",
             result.downtime_ms.unwrap_or_default(),
@@ -348,7 +350,7 @@ fn complete(inv: &Inventory, vm: &Vm, m: &Migration, out: &mut Reported, batch: 
     // A drain remembers where the VM came from (the first host, over
     // several moves; also when the host was undrained meanwhile); arriving
     // back there closes the account.
-    let drained = m.reason.starts_with(super::drains::REASON_PREFIX);
+    let drained = matches!(m.reason, MigrationReason::Drain { .. });
     let evacuated_from = match &vm.evacuated_from {
         Some(home) if *home == m.target => None,
         Some(home) => Some(home.clone()),
@@ -356,10 +358,10 @@ fn complete(inv: &Inventory, vm: &Vm, m: &Migration, out: &mut Reported, batch: 
         None => None,
     };
     let last = result(m, MigrationOutcome::Completed, None);
-    batch.event(
+    batch.migration_event(
         "vm.migrated",
-        format!("vm/{}", vm.name),
-        &vm.project,
+        vm,
+        &m.reason,
         format!(
             "moved {} from {} to {} ({} storage) in {:.1} s; reason: {}",
             match vm.power {
@@ -534,7 +536,7 @@ mod tests {
             storage: MigrationStorage::Local,
             phase,
             downtime_limit_ms: DEFAULT_DOWNTIME_MS,
-            reason: "requested".into(),
+            reason: MigrationReason::Operator,
             uri: None,
             nbd: None,
             progress: None,

@@ -5,7 +5,8 @@
 use super::records::{self, HostMode, HostRecord, TokenRecord};
 use crate::error::Result;
 use kumo_api::{
-    Event, Group, HostLoad, HostState, Image, MigrationProgress, Millis, Resources, Vm, Zone,
+    Event, Group, HostLoad, HostState, Image, MigrationProgress, MigrationReason, Millis,
+    Resources, Vm, Zone,
 };
 use kumo_store::{Op, Store};
 use serde::Serialize;
@@ -192,7 +193,8 @@ impl Inventory {
 #[derive(Default)]
 pub struct Batch {
     pub(super) ops: Vec<Op>,
-    pub(super) events: Vec<(String, String, String, String)>,
+    /// Numbered and timed at commit.
+    pub(super) events: Vec<Event>,
 }
 
 impl Batch {
@@ -206,8 +208,29 @@ impl Batch {
     }
 
     pub fn event(&mut self, kind: &str, resource: String, project: &str, message: String) {
-        self.events
-            .push((kind.to_string(), resource, project.to_string(), message));
+        self.events.push(Event {
+            seq: 0,
+            time: 0,
+            kind: kind.to_string(),
+            resource,
+            project: project.to_string(),
+            message,
+            migration_reason: None,
+        });
+    }
+
+    /// An event of a VM's migration, carrying why it moves.
+    pub fn migration_event(
+        &mut self,
+        kind: &str,
+        vm: &Vm,
+        reason: &MigrationReason,
+        message: String,
+    ) {
+        self.event(kind, format!("vm/{}", vm.name), &vm.project, message);
+        if let Some(e) = self.events.last_mut() {
+            e.migration_reason = Some(reason.clone());
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -323,9 +346,11 @@ pub(super) async fn load(store: &dyn Store) -> anyhow::Result<Inventory> {
         inv.groups.insert(g.name.clone(), g);
     }
     for kv in store.range(records::VMS).await? {
+        let vm =
+            records::decode_vm(&kv.value).map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
         inv.put_vm(Vm {
             cpu_percent: None,
-            ..decode(&kv)?
+            ..vm
         });
     }
     for kv in store.range(records::JOIN_TOKENS).await? {

@@ -31,7 +31,7 @@ use super::{bump_generation, lookup, migration_key, now_ms, App, Batch, Inventor
 use crate::error::Result;
 use kumo_api::{
     ApiError, ErrorCode, HostState, MigrateVm, Migration, MigrationOutcome, MigrationPhase,
-    MigrationResult, MigrationStorage, Vm, VmState,
+    MigrationReason, MigrationResult, MigrationStorage, Vm, VmState,
 };
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -72,13 +72,13 @@ pub(super) fn abort(
     bump: &mut BTreeSet<Uuid>,
     batch: &mut Batch,
 ) -> Vm {
-    batch.event(
+    batch.migration_event(
         match outcome {
             MigrationOutcome::Cancelled => "vm.migration.cancelled",
             _ => "vm.migration.failed",
         },
-        format!("vm/{}", vm.name),
-        &vm.project,
+        vm,
+        &m.reason,
         format!(
             "migration from {} to {} ended; the VM stays on {}: {message}",
             m.source, m.target, m.source
@@ -118,10 +118,10 @@ pub(super) fn cancel(
             batch,
         )),
         MigrationPhase::Transferring => {
-            batch.event(
+            batch.migration_event(
                 "vm.migration.cancelling",
-                format!("vm/{}", vm.name),
-                &vm.project,
+                vm,
+                &m.reason,
                 format!("{why}; {} stops sending", m.source),
             );
             bump.insert(m.source_id);
@@ -230,7 +230,7 @@ impl App {
     /// copied, nothing running) if it is stopped.
     pub async fn vm_migrate(&self, name: &str, req: MigrateVm) -> Result<Vm> {
         let mut inv = self.inv.write().await;
-        self.start_migration(&mut inv, name, req, "requested".into())
+        self.start_migration(&mut inv, name, req, MigrationReason::Operator)
             .await
     }
 
@@ -239,7 +239,7 @@ impl App {
         inv: &mut Inventory,
         name: &str,
         req: MigrateVm,
-        reason: String,
+        reason: MigrationReason,
     ) -> Result<Vm> {
         let downtime_limit_ms = req.downtime_limit_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
         let vm = lookup(inv.vms(), "vm", name)?.clone();
@@ -293,10 +293,10 @@ impl App {
                 return Err(e);
             }
         };
-        batch.event(
+        batch.migration_event(
             "vm.migration.started",
-            format!("vm/{name}"),
-            &vm.project,
+            &vm,
+            &reason,
             format!(
                 "live migration from {} to {} ({} storage, downtime limit {downtime_limit_ms} ms); reason: {reason}",
                 source.name,

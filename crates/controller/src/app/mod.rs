@@ -144,16 +144,9 @@ impl App {
         let events: Vec<Event> = batch
             .events
             .drain(..)
-            .map(|(kind, resource, project, message)| {
+            .map(|e| {
                 seq += 1;
-                Event {
-                    seq,
-                    time,
-                    kind,
-                    resource,
-                    project,
-                    message,
-                }
+                Event { seq, time, ..e }
             })
             .collect();
         for e in &events {

@@ -53,13 +53,12 @@ use super::records::{host_key, zone_key, HostMode, HostRecord};
 use super::{lookup, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    ApiError, HostState, MigrateVm, PowerSaving, PowerSavingStatus, PowerState, VmState, Zone,
+    ApiError, HostState, MigrateVm, MigrationReason, PowerSaving, PowerSavingStatus, PowerState,
+    VmState, Zone,
 };
 use kumo_sched::{Candidate, ConsolidationConfig};
 use std::time::{Duration, Instant};
 
-/// What the migrations power saving starts give as their reason, first.
-pub const REASON_PREFIX: &str = "power saving: ";
 /// A host switched on counts as coming capacity this long at most.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// A command that failed is tried again after this long.
@@ -788,7 +787,7 @@ impl App {
                         cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
                     }),
                     Err(e) => {
-                        tracing::warn!(vm = %vm.name, error = %e, "power saving: VM left out")
+                        tracing::warn!(vm = %vm.name, error = %crate::error::Chain(&e), "power saving: VM left out")
                     }
                 }
             }
@@ -836,10 +835,12 @@ impl App {
                 to: Some(m.to.clone()),
                 downtime_limit_ms: None,
             };
-            let reason = format!("{REASON_PREFIX}{}", m.reason);
+            let reason = MigrationReason::PowerSaving {
+                detail: m.reason.clone(),
+            };
             if let Err(e) = self.start_migration(&mut inv, &m.vm, req, reason).await {
                 // check_emptying gives the host back at the next pass.
-                tracing::info!(vm = %m.vm, error = %e, "power saving: move not started");
+                tracing::info!(vm = %m.vm, error = %crate::error::Chain(&e), "power saving: move not started");
                 break;
             }
         }

@@ -22,14 +22,11 @@ use super::migrations::move_request;
 use super::{now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    HostState, MigrateVm, MigrationOutcome, PowerState, RebalanceMove, RebalancePass,
-    RebalanceStatus, VmState, DEFAULT_PROJECT,
+    HostState, MigrateVm, MigrationOutcome, MigrationReason, PowerState, RebalanceMove,
+    RebalancePass, RebalanceStatus, VmState, DEFAULT_PROJECT,
 };
 use kumo_sched::{imbalance, Candidate, Cluster, RebalanceConfig};
 use std::collections::HashMap;
-
-/// What the migrations rebalancing starts give as their reason, first.
-pub const REASON_PREFIX: &str = "rebalance: ";
 
 impl Inventory {
     /// The scheduler's view with the load of every migration under way
@@ -72,7 +69,7 @@ impl App {
             if vm
                 .migration
                 .as_ref()
-                .is_some_and(|m| m.reason.starts_with(REASON_PREFIX))
+                .is_some_and(|m| matches!(m.reason, MigrationReason::Rebalance { .. }))
             {
                 in_flight += 1;
             }
@@ -121,7 +118,9 @@ impl App {
                         request,
                         cpu_percent: vm.cpu_percent.map_or(0.0, f64::from),
                     }),
-                    Err(e) => tracing::warn!(vm = %vm.name, error = %e, "rebalance: VM left out"),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %crate::error::Chain(&e), "rebalance: VM left out")
+                    }
                 }
             }
         }
@@ -175,7 +174,9 @@ impl App {
         }
         let mut started = 0;
         for m in moves {
-            let reason = format!("{REASON_PREFIX}{}", m.reason);
+            let reason = MigrationReason::Rebalance {
+                detail: m.reason.clone(),
+            };
             let req = MigrateVm {
                 to: Some(m.to.clone()),
                 downtime_limit_ms: None,
@@ -190,7 +191,7 @@ impl App {
                     None
                 }
                 Err(e) => {
-                    tracing::info!(vm = %m.vm, error = %e, "rebalance: move not started");
+                    tracing::info!(vm = %m.vm, error = %crate::error::Chain(&e), "rebalance: move not started");
                     Some(e.to_string())
                 }
             };
@@ -198,7 +199,7 @@ impl App {
                 vm: m.vm,
                 from: m.from,
                 to: m.to,
-                reason,
+                reason: reason.to_string(),
                 error,
             });
         }

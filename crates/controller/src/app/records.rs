@@ -8,7 +8,7 @@
 //! `events/<seq, 20 digits>` (zero-padded so the store's key order is the
 //! event order).
 
-use kumo_api::{HypervisorInfo, JoinToken, Millis, Resources, Vm};
+use kumo_api::{HypervisorInfo, JoinToken, MigrationReason, Millis, Resources, Vm};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -61,6 +61,47 @@ pub fn join_token_key(id: Uuid) -> String {
 /// The key of event number `seq`.
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS}{seq:020}")
+}
+
+/// A stored VM, read: records written before migration reasons were typed
+/// carry them as sentences (`"drain of host h1"`), which become typed here.
+pub fn decode_vm(bytes: &[u8]) -> serde_json::Result<Vm> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    for pointer in ["/migration/reason", "/last_migration/reason"] {
+        if let Some(reason) = value.pointer_mut(pointer) {
+            if let Some(sentence) = reason.as_str() {
+                *reason = serde_json::to_value(legacy_reason(sentence))?;
+            }
+        }
+    }
+    serde_json::from_value(value)
+}
+
+/// The typed reason of a sentence the previous release stored: it wrote
+/// `requested`, `drain of host H`, `return to host H after its drain`,
+/// `rebalance: DETAIL` and `power saving: DETAIL` (nothing else; anything
+/// else is taken as an operator's request).
+fn legacy_reason(sentence: &str) -> MigrationReason {
+    if let Some(host) = sentence.strip_prefix("drain of host ") {
+        return MigrationReason::Drain { host: host.into() };
+    }
+    if let Some(host) = sentence
+        .strip_prefix("return to host ")
+        .and_then(|s| s.strip_suffix(" after its drain"))
+    {
+        return MigrationReason::ReturnAfterDrain { host: host.into() };
+    }
+    if let Some(detail) = sentence.strip_prefix("rebalance: ") {
+        return MigrationReason::Rebalance {
+            detail: detail.into(),
+        };
+    }
+    if let Some(detail) = sentence.strip_prefix("power saving: ") {
+        return MigrationReason::PowerSaving {
+            detail: detail.into(),
+        };
+    }
+    MigrationReason::Operator
 }
 
 /// The VM as the store keeps it: measurements stay in memory.
@@ -139,4 +180,29 @@ fn maintenance() -> HostMode {
 pub struct TokenRecord {
     pub token: JoinToken,
     pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sentence the previous release stored becomes the reason whose
+    /// sentence it is.
+    #[test]
+    fn legacy_reasons_become_typed() {
+        let reasons = [
+            MigrationReason::Operator,
+            MigrationReason::Drain { host: "h1".into() },
+            MigrationReason::ReturnAfterDrain { host: "h-2".into() },
+            MigrationReason::Rebalance {
+                detail: "host h3 at 93% > 80%: vm7 to h9".into(),
+            },
+            MigrationReason::PowerSaving {
+                detail: "emptying host h4 at 3% < 20% to save power".into(),
+            },
+        ];
+        for reason in reasons {
+            assert_eq!(legacy_reason(&reason.to_string()), reason);
+        }
+    }
 }

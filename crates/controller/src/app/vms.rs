@@ -421,13 +421,13 @@ impl App {
             .map_err(|e| {
                 ApiError::server(
                     ErrorCode::HostUnavailable,
-                    format!("host {}: console log: {e}", vm.host),
+                    format!("host {}: console log: {}", vm.host, crate::error::Chain(&e)),
                 )
             })?;
         let text = resp.text().await.map_err(|e| {
             ApiError::server(
                 ErrorCode::HostUnavailable,
-                format!("host {}: console log: {e}", vm.host),
+                format!("host {}: console log: {}", vm.host, crate::error::Chain(&e)),
             )
         })?;
         Ok(ConsoleLog { vm: vm.name, text })

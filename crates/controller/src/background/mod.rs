@@ -15,13 +15,13 @@ pub fn spawn(app: &Arc<App>) {
         loop {
             tick.tick().await;
             if let Err(e) = monitor.host_check_liveness().await {
-                tracing::warn!(error = %e, "host monitor");
+                tracing::warn!(error = %crate::error::Chain(&e), "host monitor");
             }
             if let Err(e) = monitor.migrations_check().await {
-                tracing::warn!(error = %e, "migration monitor");
+                tracing::warn!(error = %crate::error::Chain(&e), "migration monitor");
             }
             if let Err(e) = monitor.move_vms().await {
-                tracing::warn!(error = %e, "mover");
+                tracing::warn!(error = %crate::error::Chain(&e), "mover");
             }
         }
     }));
@@ -35,7 +35,7 @@ pub fn spawn(app: &Arc<App>) {
             loop {
                 tick.tick().await;
                 if let Err(e) = rebalancer.rebalance_pass().await {
-                    tracing::warn!(error = %e, "rebalancer");
+                    tracing::warn!(error = %crate::error::Chain(&e), "rebalancer");
                 }
             }
         }));
@@ -48,7 +48,7 @@ pub fn spawn(app: &Arc<App>) {
         loop {
             tick.tick().await;
             if let Err(e) = power.power_pass().await {
-                tracing::warn!(error = %e, "power saving");
+                tracing::warn!(error = %crate::error::Chain(&e), "power saving");
             }
         }
     }));

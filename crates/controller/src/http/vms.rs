@@ -167,7 +167,7 @@ pub async fn console(
                 let mut client = hyper_util::rt::TokioIo::new(client);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
-            Err(e) => tracing::warn!(error = %e, "console upgrade"),
+            Err(e) => tracing::warn!(error = %crate::error::Chain(&e), "console upgrade"),
         }
     });
     Ok(Response::builder()
