@@ -392,3 +392,33 @@ impl App {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::app::testing::{HostSpec, TestApp};
+    use kumo_api::{ErrorCode, HostState};
+    use std::time::Duration;
+
+    /// A new host is joining, takes no VMs until its agent's first
+    /// heartbeat, then is ready; the store keeps that it joined.
+    #[tokio::test]
+    async fn a_new_host_takes_no_vms_until_its_first_heartbeat() {
+        let t = TestApp::new(Duration::from_secs(600)).await;
+        t.register(HostSpec::new("h1")).await;
+        assert_eq!(
+            t.app.host_get("h1").await.unwrap().state,
+            HostState::Joining
+        );
+        match t.app.vm_create(TestApp::vm("web", 512)).await {
+            Err(crate::Error::Api(e)) => assert_eq!(e.code, ErrorCode::NoValidHost),
+            other => panic!("placed on a joining host: {other:?}"),
+        }
+        t.heartbeat("h1").await;
+        assert_eq!(t.app.host_get("h1").await.unwrap().state, HostState::Ready);
+        let vm = t.app.vm_create(TestApp::vm("web", 512)).await.unwrap();
+        assert_eq!(vm.host, "h1");
+        let inv = t.app.inv.read().await;
+        assert!(inv.recent_events.iter().any(|e| e.kind == "host.ready"));
+        assert!(!inv.hosts["h1"].rec.joining);
+    }
+}
