@@ -776,6 +776,21 @@ impl Cluster {
         self.hosts[e.host].as_ref().map(|h| h.info.name.as_str())
     }
 
+    /// What a host holds, the one count of it kumo keeps: the summed size
+    /// of the VMs placed on it and of the room reserved on it (for VMs
+    /// migrating in; their dedicated cores count as vCPUs), and how many
+    /// entries that is. `None` for an unknown host.
+    pub fn allocated(&self, host: &str) -> Option<(Resources, u32)> {
+        let h = self.hosts[*self.by_name.get(host)?].as_ref()?;
+        let vcpus = h.shared_vcpus + u64::from(h.dedicated_count);
+        let size = Resources {
+            vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+            memory_mib: h.memory_mib,
+            disk_gib: h.disk_gib,
+        };
+        Some((size, h.vm_count))
+    }
+
     /// How many VMs are placed on a host (0 for an unknown one).
     pub fn vm_count(&self, host: &str) -> usize {
         self.by_name.get(host).map_or(0, |&i| self.vm_count_at(i))

@@ -11,7 +11,7 @@
 
 use super::migrations::{cancel, movable, move_request};
 use super::overlaps;
-use super::records::{host_key, HostMode, HostRecord};
+use super::records::{HostMode, HostRecord};
 use super::transitions::{self, HostRequest};
 use super::{lookup, migration_key, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
@@ -152,20 +152,18 @@ impl App {
             return Ok(plan);
         }
         let mut batch = Batch::default();
-        let mut recs = Vec::new();
         for h in &hosts {
             let rec = &inv.hosts[h].rec;
             if rec.mode == HostMode::Draining {
                 // An operator's drain takes over one power saving began.
                 if let Some(rec) = overlaps::drain_takes_over(rec, after) {
-                    batch.put(host_key(h), &rec);
                     batch.event(
                         "host.draining",
                         format!("host/{h}"),
                         &rec.project,
                         format!("{scope} drains the host power saving was emptying; it goes to maintenance, not standby"),
                     );
-                    recs.push(rec);
+                    batch.put_host(rec);
                 }
                 continue;
             }
@@ -175,20 +173,16 @@ impl App {
                 welcome_back: false,
                 ..rec.clone()
             };
-            batch.put(host_key(h), &rec);
-            let (_, count) = inv.allocated(rec.id);
+            batch.put_host(rec.clone());
+            let (_, count) = inv.allocated(&rec.name);
             batch.event(
                 "host.draining",
                 format!("host/{h}"),
                 &rec.project,
                 format!("{scope} drains: {count} VM(s) to move away"),
             );
-            recs.push(rec);
         }
         self.commit(&mut inv, batch).await?;
-        for rec in recs {
-            inv.set_host_record(rec);
-        }
         self.cancel_arrivals(&mut inv).await?;
         Ok(plan)
     }
@@ -267,7 +261,6 @@ impl App {
     async fn undrain(&self, hosts: Vec<String>, return_vms: bool) -> Result<Vec<Host>> {
         let mut inv = self.inv.write().await;
         let mut batch = Batch::default();
-        let mut recs = Vec::new();
         for h in &hosts {
             let entry = lookup(&inv.hosts, "host", h)?;
             transitions::check_host(h, entry.row(), HostRequest::Undrain)?;
@@ -278,7 +271,7 @@ impl App {
                 welcome_back: return_vms,
                 ..rec
             };
-            batch.put(host_key(h), &rec);
+            batch.put_host(rec.clone());
             let back = inv
                 .vms()
                 .values()
@@ -294,12 +287,8 @@ impl App {
                     "host takes VMs again".into()
                 },
             );
-            recs.push(rec);
         }
         self.commit(&mut inv, batch).await?;
-        for rec in recs {
-            inv.set_host_record(rec);
-        }
         Ok(hosts.iter().map(|h| inv.host_view(&inv.hosts[h])).collect())
     }
 
@@ -345,7 +334,7 @@ impl App {
         for h in inv.hosts.values() {
             match h.rec.mode {
                 HostMode::Draining => {
-                    let (_, count) = inv.allocated(h.rec.id);
+                    let (_, count) = inv.allocated(&h.rec.name);
                     if count == 0 {
                         finished.push(h.rec.name.clone());
                     }
@@ -414,9 +403,8 @@ impl App {
                 ..inv.hosts[&name].rec.clone()
             };
             let mut batch = Batch::default();
-            batch.put(host_key(&name), &rec);
+            batch.put_host(rec.clone());
             self.commit(&mut inv, batch).await?;
-            inv.set_host_record(rec);
         }
         Ok(())
     }
@@ -428,7 +416,7 @@ impl App {
             ..inv.hosts[name].rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(host_key(name), &rec);
+        batch.put_host(rec.clone());
         batch.event(
             "host.drained",
             format!("host/{name}"),
@@ -442,7 +430,6 @@ impl App {
             ),
         );
         self.commit(inv, batch).await?;
-        inv.set_host_record(rec);
         Ok(())
     }
 }

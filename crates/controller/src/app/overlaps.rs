@@ -139,7 +139,7 @@ mod tests {
                     after_drain: HostMode::Standby,
                     ..inv.hosts["h1"].rec.clone()
                 };
-                inv.set_host_record(rec);
+                inv.install_host(rec);
                 drop(inv);
                 app.host_drain("h1", false).await.unwrap();
                 let rec = app.inv.read().await.hosts["h1"].rec.clone();
@@ -157,7 +157,7 @@ mod tests {
                     mode: HostMode::Standby,
                     ..inv.hosts["h3"].rec.clone()
                 };
-                inv.set_host_record(rec);
+                inv.install_host(rec);
                 drop(inv);
                 for got in [
                     app.host_set_enabled("h3", true).await.map(drop),

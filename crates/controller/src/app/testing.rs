@@ -159,6 +159,6 @@ impl TestApp {
         let mut inv = self.app.inv.write().await;
         let mut vm = inv.vms()[name].clone();
         change(&mut vm);
-        inv.put_vm(vm);
+        inv.put_vm(vm).expect("the VM fits where it is");
     }
 }
