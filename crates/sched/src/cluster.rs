@@ -1020,6 +1020,31 @@ mod tests {
         }
     }
 
+    /// What a host holds counts shared and dedicated VMs and reservations
+    /// alike, and gives back what a released one held.
+    #[test]
+    fn allocated_sums_what_a_host_holds() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z", 8, 8192));
+        assert_eq!(c.allocated("a"), Some((Resources::default(), 0)));
+        assert_eq!(c.allocated("nope"), None);
+        c.add("shared", "a", res(2, 1024, 10), Vec::new(), Vec::new())
+            .expect("fits");
+        c.add("dedicated", "a", res(2, 512, 5), vec![0, 1], Vec::new())
+            .expect("fits");
+        c.add(
+            "moving (reserved)",
+            "a",
+            res(1, 256, 1),
+            Vec::new(),
+            Vec::new(),
+        )
+        .expect("fits");
+        assert_eq!(c.allocated("a"), Some((res(5, 1792, 16), 3)));
+        c.release("dedicated");
+        assert_eq!(c.allocated("a"), Some((res(3, 1280, 11), 2)));
+    }
+
     fn req(vcpus: u32, memory_mib: u64) -> Request {
         Request {
             size: res(vcpus, memory_mib, 1),
