@@ -211,6 +211,9 @@ pub struct CreateZone {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
+    /// Registered, and no heartbeat has arrived yet: the host takes no VMs
+    /// until its agent shows it runs (first heartbeat), then it is `ready`.
+    Joining,
     /// Heartbeats arrive; the host takes new VMs.
     Ready,
     /// Heartbeats stopped for longer than the down timeout.
@@ -228,6 +231,7 @@ pub enum HostState {
 impl std::fmt::Display for HostState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            HostState::Joining => "joining",
             HostState::Ready => "ready",
             HostState::Down => "down",
             HostState::Disabled => "disabled",
@@ -729,6 +733,10 @@ pub struct PlannedMove {
     /// Why no host can take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// The VM is migrating to the drained host `from`: the drain cancels
+    /// that migration and the VM stays on `to`, where it runs now.
+    #[serde(default)]
+    pub cancels_arrival: bool,
 }
 
 /// What a drain will do (or is doing).
@@ -796,6 +804,28 @@ pub struct CreateVm {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schema(schema_with = crate::schema::metadata)]
     pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl CreateVm {
+    /// A request for a 1-vCPU, 256 MiB VM of `image`, everything else left
+    /// to the defaults.
+    pub fn new(name: &str, image: &str) -> CreateVm {
+        CreateVm {
+            name: name.into(),
+            image: image.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: None,
+            zone: None,
+            start: None,
+            cpu_policy: None,
+            policy: None,
+            requirements: None,
+            rank: None,
+            groups: Vec::new(),
+            metadata: Default::default(),
+        }
+    }
 }
 
 /// A VM shape for capacity planning.

@@ -1148,6 +1148,7 @@ mod tests {
             to: to.map(Into::into),
             to_zone: to.map(|_| "z1".into()),
             refusal: to.is_none().then(|| "no host can take the VM".into()),
+            cancels_arrival: false,
         };
         let mut plan = DrainPlan {
             scope: "host/h1".into(),

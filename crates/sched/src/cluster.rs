@@ -258,6 +258,16 @@ impl HostState {
         if !self.info.schedulable {
             return Some(Constraint::NotSchedulable);
         }
+        self.check_if_schedulable(req, from, group_totals)
+    }
+
+    /// [`HostState::check`] as if the host took VMs.
+    fn check_if_schedulable(
+        &self,
+        req: &Request,
+        from: Option<&HostInfo>,
+        group_totals: &HashMap<String, u32>,
+    ) -> Option<Constraint> {
         if req.from_host.as_ref() == Some(&self.info.name) {
             return Some(Constraint::CurrentHost);
         }
@@ -799,6 +809,22 @@ impl Cluster {
         }
     }
 
+    /// The first constraint of `req` (a new VM) that `host` would fail if
+    /// it took VMs, judged as [`Cluster::place`] judges a schedulable host:
+    /// whether a host out of placement now (switched off to save power,
+    /// say) would take the VM once back. An unknown host is
+    /// [`Constraint::NotSchedulable`].
+    pub fn check_if_schedulable(&self, host: &str, req: &Request) -> Result<(), Constraint> {
+        let h = self
+            .host_index(host)
+            .and_then(|i| self.hosts[i].as_ref())
+            .ok_or(Constraint::NotSchedulable)?;
+        match h.check_if_schedulable(req, self.moving_from(req), &self.group_totals) {
+            Some(c) => Err(c),
+            None => Ok(()),
+        }
+    }
+
     /// Reserve on `host`, under `key`, what `req` needs for `vm` if the host
     /// passes [`Cluster::check_host`]. With `key` the VM's own name, a VM
     /// placed elsewhere moves (what it held there is given back); with
@@ -1052,6 +1078,40 @@ mod tests {
             ..req(1, 512)
         };
         assert_eq!(c.place("v4", &load).unwrap().host, "b");
+    }
+
+    #[test]
+    fn a_host_out_of_placement_is_judged_as_if_it_took_vms() {
+        let mut c = Cluster::default();
+        let mut off = host("off", "z", 8, 8192);
+        off.schedulable = false;
+        off.labels.insert("gpu".into(), "yes".into());
+        c.upsert_host(off);
+        let gpu = Request {
+            requirements: Some(parse_host_expr("labels.gpu == \"yes\"").unwrap()),
+            ..req(2, 1024)
+        };
+        assert_eq!(
+            c.check_host("v", "off", &gpu),
+            Err(Constraint::NotSchedulable)
+        );
+        assert_eq!(c.check_if_schedulable("off", &gpu), Ok(()));
+        assert_eq!(
+            c.check_if_schedulable("off", &req(2, 16_384)),
+            Err(Constraint::Memory)
+        );
+        let elsewhere = Request {
+            zone: Some("y".into()),
+            ..gpu
+        };
+        assert_eq!(
+            c.check_if_schedulable("off", &elsewhere),
+            Err(Constraint::Zone)
+        );
+        assert_eq!(
+            c.check_if_schedulable("nowhere", &req(1, 1)),
+            Err(Constraint::NotSchedulable)
+        );
     }
 
     #[test]

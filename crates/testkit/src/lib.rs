@@ -128,21 +128,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn vm_request(name: &str, image: &str) -> CreateVm {
-    CreateVm {
-        name: name.into(),
-        image: image.into(),
-        vcpus: 1,
-        memory_mib: 256,
-        disk_gib: None,
-        zone: None,
-        start: None,
-        cpu_policy: None,
-        policy: None,
-        requirements: None,
-        rank: None,
-        groups: Vec::new(),
-        metadata: Default::default(),
-    }
+    CreateVm::new(name, image)
 }
 
 /// A small valid qcow2 image file for tests that do not boot it.

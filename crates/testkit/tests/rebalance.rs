@@ -346,7 +346,15 @@ async fn power_saving_empties_light_hosts_and_switches_one_on_when_demand_rises(
         let off = (1..=6)
             .filter(|i| marks.join(format!("off-g-{i}")).exists())
             .count();
-        (s.standby.len() == 4 && off == 4 && s.draining.is_empty()).then_some(s)
+        // The command's mark appears before the controller records that
+        // it ran (standby_since).
+        let recorded = c
+            .hosts()
+            .await
+            .ok()?
+            .iter()
+            .all(|h| h.state != HostState::Standby || h.standby_since.is_some());
+        (s.standby.len() == 4 && off == 4 && recorded && s.draining.is_empty()).then_some(s)
     })
     .await
     .unwrap();

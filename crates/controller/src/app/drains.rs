@@ -9,14 +9,16 @@
 //! `return` moves it back there. A dry run computes the whole plan on a copy
 //! of the scheduler's state and moves nothing.
 
-use super::migrations::{movable, move_request};
+use super::migrations::{cancel, movable, move_request};
+use super::overlaps;
 use super::records::{HostMode, HostRecord};
-use super::{lookup, migration_key, now_ms, App, Batch, Inventory};
+use super::transitions::{self, HostRequest};
+use super::{lookup, migration_key, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    ApiError, DrainPlan, ErrorCode, Host, MigrateVm, MigrationOutcome, MigrationReason,
-    PlannedMove, Vm, VmState,
+    DrainPlan, Host, MigrateVm, MigrationOutcome, MigrationReason, PlannedMove, Vm, VmState,
 };
+use std::collections::BTreeSet;
 
 /// Migrations the mover keeps under way at once, over the whole cloud.
 pub const PARALLEL_MIGRATIONS: usize = 4;
@@ -35,9 +37,17 @@ impl Inventory {
                 });
             }
         }
-        let mut vms: Vec<&Vm> = hosts
+        let drained: Vec<&HostEntry> = hosts.iter().filter_map(|h| self.hosts.get(h)).collect();
+        let is_drained = |id| drained.iter().any(|h| h.rec.id == id);
+        // A migration into a drained host is cancelled (see
+        // `overlaps`): its VM is planned from where it is.
+        let into_drained = |v: &Vm| {
+            v.migration
+                .as_ref()
+                .is_some_and(|m| is_drained(m.target_id))
+        };
+        let mut vms: Vec<&Vm> = drained
             .iter()
-            .filter_map(|h| self.hosts.get(h))
             .flat_map(|h| self.vms_on(h.rec.id))
             .filter(|v| v.state != VmState::Deleting)
             .collect();
@@ -56,12 +66,13 @@ impl Inventory {
                     .map(|h| h.rec.zone.clone()),
                 to,
                 refusal,
+                cancels_arrival: false,
             };
-            if let Some(m) = &vm.migration {
+            if let Some(m) = vm.migration.as_ref().filter(|_| !into_drained(vm)) {
                 moves.push(planned(Some(m.target.clone()), None));
                 continue;
             }
-            if !movable(vm) {
+            if !into_drained(vm) && !movable(vm) {
                 moves.push(planned(
                     None,
                     Some(format!(
@@ -81,6 +92,22 @@ impl Inventory {
                 Ok(Err(refusal)) => planned(None, Some(refusal)),
                 Err(e) => planned(None, Some(e.to_string())),
             });
+        }
+        // VMs on their way in from hosts not drained stay where they are.
+        for h in &drained {
+            for vm in self.vms_incoming(h.rec.id) {
+                let Some(m) = vm.migration.as_ref().filter(|_| !is_drained(vm.host_id)) else {
+                    continue;
+                };
+                moves.push(PlannedMove {
+                    vm: vm.name.clone(),
+                    from: m.target.clone(),
+                    to: Some(m.source.clone()),
+                    to_zone: self.host_by_id(m.source_id).map(|s| s.rec.zone.clone()),
+                    refusal: None,
+                    cancels_arrival: true,
+                });
+            }
         }
         DrainPlan {
             scope,
@@ -103,15 +130,6 @@ impl Inventory {
     }
 }
 
-fn drain_conflict(name: &str, state: kumo_api::HostState) -> crate::Error {
-    ApiError::new(
-        ErrorCode::Conflict,
-        "name",
-        format!("host {name} is {state}; only a ready host can be drained"),
-    )
-    .into()
-}
-
 impl App {
     /// Drain hosts: mark them draining (the mover then empties them), or
     /// with `dry_run` only say where their VMs would go.
@@ -125,10 +143,8 @@ impl App {
         let mut inv = self.inv.write().await;
         for h in &hosts {
             let entry = lookup(&inv.hosts, "host", h)?;
-            let state = entry.state();
-            let draining = entry.rec.mode == HostMode::Draining;
-            if state != kumo_api::HostState::Ready && !draining && !dry_run {
-                return Err(drain_conflict(h, state));
+            if !dry_run {
+                transitions::check_host(h, entry.row(), HostRequest::Drain)?;
             }
         }
         let plan = inv.drain_plan(scope.clone(), &hosts);
@@ -139,6 +155,16 @@ impl App {
         for h in &hosts {
             let rec = &inv.hosts[h].rec;
             if rec.mode == HostMode::Draining {
+                // An operator's drain takes over one power saving began.
+                if let Some(rec) = overlaps::drain_takes_over(rec, after) {
+                    batch.event(
+                        "host.draining",
+                        format!("host/{h}"),
+                        &rec.project,
+                        format!("{scope} drains the host power saving was emptying; it goes to maintenance, not standby"),
+                    );
+                    batch.put_host(rec);
+                }
                 continue;
             }
             let rec = HostRecord {
@@ -157,7 +183,35 @@ impl App {
             );
         }
         self.commit(&mut inv, batch).await?;
+        self.cancel_arrivals(&mut inv).await?;
         Ok(plan)
+    }
+
+    /// Cancel the migrations coming to draining hosts (see [`overlaps`]):
+    /// their VMs would be copied in only to be moved straight out again.
+    /// Each stays on its source, from where a drain there moves it on.
+    /// Called when a drain begins and on every mover pass, so a controller
+    /// killed in between still cancels them.
+    async fn cancel_arrivals(&self, inv: &mut Inventory) -> Result<()> {
+        let mut bump = BTreeSet::new();
+        let mut batch = Batch::default();
+        let mut cancelled = Vec::new();
+        for h in inv.hosts.values() {
+            if h.rec.mode != HostMode::Draining {
+                continue;
+            }
+            let why = format!("host {} is being drained", h.rec.name);
+            for vm in inv.vms_incoming(h.rec.id) {
+                let Some(m) = &vm.migration else { continue };
+                if let Some(next) = cancel(vm, m, &why, &mut bump, &mut batch) {
+                    cancelled.push(next);
+                }
+            }
+        }
+        if cancelled.is_empty() {
+            return Ok(());
+        }
+        self.commit_vm_steps(inv, batch, cancelled, bump).await
     }
 
     pub async fn host_drain(&self, name: &str, dry_run: bool) -> Result<DrainPlan> {
@@ -208,17 +262,12 @@ impl App {
         let mut inv = self.inv.write().await;
         let mut batch = Batch::default();
         for h in &hosts {
-            let rec = lookup(&inv.hosts, "host", h)?.rec.clone();
-            if !matches!(rec.mode, HostMode::Draining | HostMode::Maintenance) {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    "name",
-                    format!("host {h} is not draining or in maintenance"),
-                )
-                .into());
-            }
+            let entry = lookup(&inv.hosts, "host", h)?;
+            transitions::check_host(h, entry.row(), HostRequest::Undrain)?;
+            let rec = entry.rec.clone();
             let rec = HostRecord {
                 mode: HostMode::Active,
+                after_drain: HostMode::Maintenance,
                 welcome_back: return_vms,
                 ..rec
             };
@@ -269,6 +318,7 @@ impl App {
     /// finish drains whose hosts are empty.
     pub async fn move_vms(&self) -> Result<()> {
         let mut inv = self.inv.write().await;
+        self.cancel_arrivals(&mut inv).await?;
         let in_flight = inv.vms_migrating().count();
         let mut budget = PARALLEL_MIGRATIONS.saturating_sub(in_flight);
         let now = now_ms();

@@ -1,6 +1,8 @@
 //! Hosts: registration, heartbeats, desired state and monitoring.
 //!
-//! A host is `ready` while heartbeats arrive, `down` once none came for
+//! A host is `joining` from its registration until its first heartbeat
+//! (it takes no VMs before its agent shows it runs), `ready` while
+//! heartbeats arrive, `down` once none came for
 //! [`App::down_after`], `disabled` when an operator took it out of placement,
 //! `draining` while its VMs move away, `maintenance` once drained, and
 //! `standby` when power saving emptied it and switched it off (silence is
@@ -10,6 +12,7 @@
 //! controller itself was away.
 
 use super::records::{host_key, HostMode, HostRecord, HOST_RECORD_VERSION};
+use super::transitions::{self, HostRequest};
 use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -203,6 +206,7 @@ impl App {
             welcome_back: existing.as_ref().is_some_and(|o| o.welcome_back),
             standby_since: existing.as_ref().and_then(|o| o.standby_since),
             energy_saved_wh: existing.as_ref().map_or(0.0, |o| o.energy_saved_wh),
+            joining: existing.as_ref().is_none_or(|o| o.joining),
             generation: existing.as_ref().map_or(1, |o| o.generation),
             token_sha256: sha256_hex(&token),
             agent_secret: req.agent_secret,
@@ -272,7 +276,12 @@ impl App {
     }
 
     pub async fn host_set_enabled(&self, name: &str, enabled: bool) -> Result<Host> {
-        self.host_change(name, |rec| {
+        let request = if enabled {
+            HostRequest::Enable
+        } else {
+            HostRequest::Disable
+        };
+        self.host_change(name, request, |rec| {
             let mode = if enabled {
                 HostMode::Active
             } else {
@@ -297,7 +306,7 @@ impl App {
     /// Change a host's overcommit ratios. VMs already placed stay where
     /// they are; new placements follow the new ratios.
     pub async fn host_update(&self, name: &str, req: UpdateHost) -> Result<Host> {
-        self.host_change(name, |rec| {
+        self.host_change(name, HostRequest::Update, |rec| {
             rec.cpu_overcommit = req.cpu_overcommit.unwrap_or(rec.cpu_overcommit);
             rec.memory_overcommit = req.memory_overcommit.unwrap_or(rec.memory_overcommit);
             Some((
@@ -311,15 +320,19 @@ impl App {
         .await
     }
 
-    /// Apply `change` to a host's record; it returns the event to record,
-    /// or `None` when nothing changed.
+    /// Apply `change` to a host's record if its state accepts `request`
+    /// (see [`transitions`]); `change` returns the event to record, or
+    /// `None` when nothing changed.
     async fn host_change(
         &self,
         name: &str,
+        request: HostRequest,
         change: impl FnOnce(&mut HostRecord) -> Option<(&'static str, String)>,
     ) -> Result<Host> {
         let mut inv = self.inv.write().await;
-        let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        let entry = lookup(&inv.hosts, "host", name)?;
+        transitions::check_host(name, entry.row(), request)?;
+        let mut rec = entry.rec.clone();
         if let Some((kind, msg)) = change(&mut rec) {
             let mut batch = Batch::default();
             batch.put_host(rec.clone());
@@ -332,7 +345,9 @@ impl App {
 
     pub async fn host_delete(&self, name: &str) -> Result<()> {
         let mut inv = self.inv.write().await;
-        let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
+        let entry = lookup(&inv.hosts, "host", name)?;
+        transitions::check_host(name, entry.row(), HostRequest::Delete)?;
+        let rec = entry.rec.clone();
         let (_, count) = inv.allocated(&rec.name);
         if count > 0 {
             return Err(ApiError::new(
@@ -355,5 +370,35 @@ impl App {
         inv.sync_host(name);
         inv.host_tokens.remove(&rec.token_sha256);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::app::testing::{HostSpec, TestApp};
+    use kumo_api::{ErrorCode, HostState};
+    use std::time::Duration;
+
+    /// A new host is joining, takes no VMs until its agent's first
+    /// heartbeat, then is ready; the store keeps that it joined.
+    #[tokio::test]
+    async fn a_new_host_takes_no_vms_until_its_first_heartbeat() {
+        let t = TestApp::new(Duration::from_secs(600)).await;
+        t.register(HostSpec::new("h1")).await;
+        assert_eq!(
+            t.app.host_get("h1").await.unwrap().state,
+            HostState::Joining
+        );
+        match t.app.vm_create(TestApp::vm("web", 512)).await {
+            Err(crate::Error::Api(e)) => assert_eq!(e.code, ErrorCode::NoValidHost),
+            other => panic!("placed on a joining host: {other:?}"),
+        }
+        t.heartbeat("h1").await;
+        assert_eq!(t.app.host_get("h1").await.unwrap().state, HostState::Ready);
+        let vm = t.app.vm_create(TestApp::vm("web", 512)).await.unwrap();
+        assert_eq!(vm.host, "h1");
+        let inv = t.app.inv.read().await;
+        assert!(inv.recent_events.iter().any(|e| e.kind == "host.ready"));
+        assert!(!inv.hosts["h1"].rec.joining);
     }
 }

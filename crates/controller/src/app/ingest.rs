@@ -413,9 +413,28 @@ impl App {
             applied_generation: applied,
             down: false,
             overloaded_since: hot.then(|| entry.live.overloaded_since.unwrap_or_else(Instant::now)),
+            waking_since: None,
         };
+        if let Some(since) = entry.live.waking_since {
+            self.power_booted(since.elapsed());
+        }
         let generation = e.rec.generation;
-        if entry.live.down {
+        if e.rec.joining {
+            // After the VM reports, which may have bumped the generation.
+            let rec = HostRecord {
+                joining: false,
+                ..e.rec.clone()
+            };
+            let mut batch = Batch::default();
+            batch.event(
+                "host.ready",
+                format!("host/{host}"),
+                &rec.project,
+                "first heartbeat: the host takes VMs".into(),
+            );
+            batch.put_host(rec);
+            self.commit(&mut inv, batch).await?;
+        } else if entry.live.down {
             // Back from down: schedulable again.
             inv.sync_host(host);
         } else {

@@ -358,6 +358,8 @@ pub struct HostLive {
     pub down: bool,
     /// Since when the load has stayed above the rebalancing threshold.
     pub overloaded_since: Option<Instant>,
+    /// When power saving switched the host on, until it reports.
+    pub waking_since: Option<Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -377,6 +379,7 @@ impl HostEntry {
                 applied_generation: 0,
                 down: false,
                 overloaded_since: None,
+                waking_since: None,
             },
         }
     }
@@ -387,6 +390,7 @@ impl HostEntry {
         match self.rec.mode {
             HostMode::Standby => HostState::Standby,
             _ if self.live.down => HostState::Down,
+            _ if self.rec.joining => HostState::Joining,
             HostMode::Active => HostState::Ready,
             HostMode::Disabled => HostState::Disabled,
             HostMode::Draining => HostState::Draining,
@@ -396,6 +400,18 @@ impl HostEntry {
 }
 
 impl HostEntry {
+    /// The state the host's requests are judged by (see
+    /// [`super::transitions`]): its state, except that a down host draining
+    /// or in maintenance is judged by that (hosts are often switched off
+    /// for maintenance).
+    pub fn row(&self) -> HostState {
+        match (self.state(), self.rec.mode) {
+            (HostState::Down, HostMode::Draining) => HostState::Draining,
+            (HostState::Down, HostMode::Maintenance) => HostState::Maintenance,
+            (state, _) => state,
+        }
+    }
+
     /// The host as the scheduler sees it.
     pub fn sched_info(&self) -> kumo_sched::HostInfo {
         kumo_sched::HostInfo {

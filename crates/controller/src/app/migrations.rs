@@ -25,11 +25,12 @@
 //! on with a transfer by itself, agents re-attach and report again, and the
 //! step taken next depends only on the stored phase and the reports.
 
+use super::transitions::VmRequest;
 use super::{bump_generation, lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
     ApiError, ErrorCode, HostState, MigrateVm, Migration, MigrationOutcome, MigrationPhase,
-    MigrationReason, MigrationResult, MigrationStorage, PowerState, Vm, VmState,
+    MigrationReason, MigrationResult, MigrationStorage, Vm, VmState,
 };
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -95,6 +96,46 @@ pub(super) fn abort(
     next
 }
 
+/// Stop a migration (`why`: who asked): at once if nothing was sent yet,
+/// else the source is told to stop sending. `None` if it is being
+/// cancelled already.
+pub(super) fn cancel(
+    vm: &Vm,
+    m: &Migration,
+    why: &str,
+    bump: &mut BTreeSet<Uuid>,
+    batch: &mut Batch,
+) -> Option<Vm> {
+    match m.phase {
+        // Nothing is sent yet: give up at once.
+        MigrationPhase::Preparing => Some(abort(
+            vm,
+            m,
+            MigrationOutcome::Cancelled,
+            format!("{why}: cancelled before the transfer began"),
+            bump,
+            batch,
+        )),
+        MigrationPhase::Transferring => {
+            batch.migration_event(
+                "vm.migration.cancelling",
+                vm,
+                &m.reason,
+                format!("{why}; {} stops sending", m.source),
+            );
+            bump.insert(m.source_id);
+            Some(Vm {
+                migration: Some(Migration {
+                    phase: MigrationPhase::Cancelling,
+                    ..m.clone()
+                }),
+                ..vm.clone()
+            })
+        }
+        MigrationPhase::Cancelling => None,
+    }
+}
+
 pub(super) fn storage_name(s: MigrationStorage) -> &'static str {
     match s {
         MigrationStorage::Shared => "shared",
@@ -122,37 +163,27 @@ pub(super) fn move_request(inv: &Inventory, vm: &Vm) -> Result<kumo_sched::Reque
     })
 }
 
-/// Whether a VM is settled enough to move: running (live) or stopped (cold).
+/// Whether a VM is settled enough to move: running (live) or stopped
+/// (cold), as [`super::transitions`] says.
 pub(super) fn movable(vm: &Vm) -> bool {
-    matches!(
-        (vm.power, vm.state),
-        (PowerState::Running, VmState::Running) | (PowerState::Stopped, VmState::Stopped)
-    )
+    use super::transitions::{vm_accepts, vm_row};
+    vm_accepts(vm_row(vm), VmRequest::Migrate)
 }
 
-/// Why a VM cannot start moving now, if it cannot.
+/// Why a VM cannot start moving now, if it cannot: its state (see
+/// [`super::transitions`]) or its host being down.
 fn check_movable(inv: &Inventory, vm: &Vm) -> Result<()> {
-    let conflict = |msg: String| Err(ApiError::new(ErrorCode::Conflict, "name", msg).into());
-    if let Some(m) = &vm.migration {
-        return conflict(format!(
-            "VM {:?} is already migrating from {} to {}",
-            vm.name, m.source, m.target
-        ));
-    }
-    if !movable(vm) {
-        return conflict(format!(
-            "VM {:?} is {}; a VM moves when it is running (live) or stopped (cold)",
-            vm.name, vm.state
-        ));
-    }
+    super::transitions::check_vm(vm, VmRequest::Migrate)?;
     let host = inv
         .host_by_id(vm.host_id)
         .ok_or_else(|| crate::Error::internal(format!("host of VM {} missing", vm.name)))?;
     if host.state() == HostState::Down {
-        return conflict(format!(
-            "host {} of VM {:?} is down",
-            host.rec.name, vm.name
-        ));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "name",
+            format!("host {} of VM {:?} is down", host.rec.name, vm.name),
+        )
+        .into());
     }
     Ok(())
 }
@@ -281,50 +312,39 @@ impl App {
     pub async fn vm_migrate_cancel(&self, name: &str) -> Result<Vm> {
         let mut inv = self.inv.write().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
+        super::transitions::check_vm(&vm, VmRequest::CancelMigration)?;
         let Some(m) = vm.migration.clone() else {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "name",
-                format!("VM {name:?} is not migrating"),
-            )
-            .into());
+            return Err(crate::Error::internal(format!(
+                "VM {name} accepted a cancel without a migration"
+            )));
         };
         let mut bump = BTreeSet::new();
         let mut batch = Batch::default();
-        let next = match m.phase {
-            // Nothing is sent yet: give up at once.
-            MigrationPhase::Preparing => abort(
-                &vm,
-                &m,
-                MigrationOutcome::Cancelled,
-                "cancelled before the transfer began".into(),
-                &mut bump,
-                &mut batch,
-            ),
-            MigrationPhase::Transferring => {
-                batch.migration_event(
-                    "vm.migration.cancelling",
-                    &vm,
-                    &m.reason,
-                    format!("cancel asked; {} stops sending", m.source),
-                );
-                bump.insert(m.source_id);
-                Vm {
-                    migration: Some(Migration {
-                        phase: MigrationPhase::Cancelling,
-                        ..m
-                    }),
-                    ..vm.clone()
-                }
-            }
-            MigrationPhase::Cancelling => return Ok(vm),
+        let Some(next) = cancel(&vm, &m, "cancel asked", &mut bump, &mut batch) else {
+            return Ok(vm);
         };
-        batch.put_vm(next.clone());
-        for id in bump {
-            bump_generation(&inv, id, &mut batch)?;
-        }
-        self.commit(&mut inv, batch).await?;
+        self.commit_vm_steps(&mut inv, batch, vec![next.clone()], bump)
+            .await?;
         Ok(next)
+    }
+
+    /// Commit VMs changed by migration steps with the generations of the
+    /// hosts they concern bumped.
+    pub(super) async fn commit_vm_steps(
+        &self,
+        inv: &mut Inventory,
+        mut batch: Batch,
+        vms: Vec<Vm>,
+        bump: BTreeSet<Uuid>,
+    ) -> Result<()> {
+        for vm in vms {
+            batch.put_vm(vm);
+        }
+        for id in bump {
+            bump_generation(inv, id, &mut batch)?;
+        }
+        self.commit(inv, batch).await?;
+        Ok(())
     }
 
     /// Give up on migrations whose target never got ready or went down

@@ -17,10 +17,14 @@ pub mod inventory;
 pub mod join_tokens;
 pub mod machine;
 pub mod migrations;
+pub mod overlaps;
 pub mod passes;
 pub mod power;
 pub mod rebalance;
 pub mod records;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod transitions;
 pub mod vms;
 pub mod zones;
 

@@ -114,17 +114,31 @@ impl RebalanceReport {
 /// costs a retry or an early consolidation).
 #[derive(Default)]
 pub(crate) struct PowerSaver {
-    /// Zones of placements refused since the last pass (`None`: any
-    /// zone), and when.
-    pub(super) demand: std::sync::Mutex<Vec<(Option<String>, Instant)>>,
+    /// Placements refused since the last pass.
+    pub(super) demand: std::sync::Mutex<Vec<Demand>>,
+    /// How long the last host switched on took to report, measured from
+    /// its power-on command to its first heartbeat.
+    pub(super) boot_time: std::sync::Mutex<Option<Duration>>,
     /// Held across a pass (and a `DELETE`), commands included.
     pub(super) memory: tokio::sync::Mutex<PowerMemory>,
 }
 
+/// A placement refused: in which zone (`None`: any), and the standby
+/// host that would take the VM (if one would).
+pub(super) struct Demand {
+    pub(super) zone: Option<String>,
+    pub(super) wake: Option<Wake>,
+}
+
+/// A standby host to switch on for a refused VM.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Wake {
+    pub(super) host: String,
+    pub(super) vm: String,
+}
+
 #[derive(Default)]
 pub(super) struct PowerMemory {
-    /// Hosts switched on and not reporting yet.
-    pub(super) booting: HashMap<String, Instant>,
     /// Per zone, when a host was last switched on.
     pub(super) powered_on: HashMap<String, Instant>,
     /// Hosts whose command failed, and when.

@@ -9,8 +9,8 @@
 //!     |                              v  mover sees the host empty
 //!     |                           standby --power-off command--> standby,
 //!     |                                                          standby_since set
-//!     +-- power-on command <-- a placement in the zone was refused, or
-//!         (host `down` until     its free schedulable memory < headroom
+//!     +-- power-on command <-- a refused VM fits this host, or the
+//!         (host `down` until     zone's free schedulable memory < headroom
 //!          its agent reports)
 //! ```
 //!
@@ -25,10 +25,19 @@
 //!   `power_off_command` and records `standby_since` (`power.standby`); a
 //!   failed command is retried a minute later. A standby host's silence is
 //!   expected: it is never marked down.
-//! - **Power on**: the host with the most memory of the zone's standby
-//!   hosts gets `power_on_command` and becomes active, `down` until its
-//!   agent heartbeats (`power.on`, with the reason); until then it counts
-//!   as free capacity, so one shortage switches on one host.
+//! - **Power on** for a refused VM: the refusal asks the scheduler which
+//!   standby host would take the VM (the same constraints as placement:
+//!   zone, requirements, groups, dedicated cores, room), names it in the
+//!   refusal ("standby host h3, which does, is switched on: retry in about
+//!   N s", N from the last measured boot), and the next pass switches on
+//!   exactly that host. When no standby host would take the VM, none is
+//!   switched on for it; when one already switching on would, it is named
+//!   and no other is woken.
+//! - **Power on** for headroom: when the zone's free schedulable memory is
+//!   below `headroom`, the standby host with the most memory.
+//!   Either way it gets `power_on_command` and becomes active, `down` until
+//!   its agent heartbeats (`power.on`, with the reason); until then it
+//!   counts as free capacity, so one shortage switches on one host.
 //! - **Energy**: a host's `idle_watts` times its time in standby, kept in
 //!   its record (`energy_saved_wh`) and summed per zone.
 //!
@@ -39,7 +48,7 @@
 //! host's name and agent address, shell-quoted (also in `$KUMO_HOST` and
 //! `$KUMO_ADDRESS`). Their output is logged.
 
-use super::passes::PowerMemory;
+use super::passes::{Demand, PowerMemory, Wake};
 use super::records::{zone_key, HostMode, HostRecord};
 use super::{lookup, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
@@ -48,7 +57,6 @@ use kumo_api::{
     VmState, Zone,
 };
 use kumo_sched::{Candidate, ConsolidationConfig};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A host switched on counts as coming capacity this long at most.
@@ -213,11 +221,11 @@ impl Inventory {
 
     /// Memory (with overcommit) of the zone's schedulable hosts and of the
     /// hosts switched on but not reporting yet, and how much is allocated.
-    fn zone_memory(&self, zone: &str, booting: &HashMap<String, Instant>) -> (f64, f64) {
+    fn zone_memory(&self, zone: &str) -> (f64, f64) {
         let mut total = 0.0;
         let mut allocated = 0.0;
         for h in self.hosts.values().filter(|h| h.rec.zone == zone) {
-            if h.state() == HostState::Ready || booting.contains_key(&h.rec.name) {
+            if h.state() == HostState::Ready || h.waking() {
                 total += h.rec.capacity.memory_mib as f64 * h.rec.memory_overcommit;
                 allocated += self.allocated(&h.rec.name).0.memory_mib as f64;
             }
@@ -225,13 +233,49 @@ impl Inventory {
         (total, allocated)
     }
 
-    fn free_share(&self, zone: &str, booting: &HashMap<String, Instant>) -> f64 {
-        let (total, allocated) = self.zone_memory(zone, booting);
+    fn free_share(&self, zone: &str) -> f64 {
+        let (total, allocated) = self.zone_memory(zone);
         if total <= 0.0 {
             0.0
         } else {
             1.0 - allocated / total
         }
+    }
+}
+
+impl HostEntry {
+    /// Switched on by power saving, not reporting yet, and not given up
+    /// on ([`BOOT_TIMEOUT`]): coming capacity.
+    fn waking(&self) -> bool {
+        self.rec.mode == HostMode::Active
+            && self.live.down
+            && self
+                .live
+                .waking_since
+                .is_some_and(|t| t.elapsed() < BOOT_TIMEOUT)
+    }
+}
+
+impl Inventory {
+    /// The standby host (or one switched on and not reporting yet) of a
+    /// power-saving zone that would take a VM the ready hosts refused,
+    /// judged by the scheduler as it judges placement: one already waking
+    /// first, then the one with the most memory.
+    fn host_to_wake(&self, request: &kumo_sched::Request) -> Option<&HostEntry> {
+        self.hosts
+            .values()
+            .filter(|h| self.idle_watts(&h.rec.zone).is_some())
+            .filter(|h| h.rec.mode == HostMode::Standby || h.waking())
+            .filter(|h| {
+                self.cluster
+                    .check_if_schedulable(&h.rec.name, request)
+                    .is_ok()
+            })
+            .max_by(|a, b| {
+                (a.waking(), a.rec.capacity.memory_mib)
+                    .cmp(&(b.waking(), b.rec.capacity.memory_mib))
+                    .then(b.rec.name.cmp(&a.rec.name))
+            })
     }
 }
 
@@ -249,24 +293,65 @@ struct PowerOn {
 }
 
 impl App {
-    /// A placement was refused (in `zone`, or in any zone): power saving
-    /// may switch a standby host on at its next pass.
-    pub(super) fn placement_refused(&self, zone: Option<String>) {
-        let mut demand = self.power.demand.lock().expect("lock");
-        if demand.len() < 1000 && !demand.iter().any(|(z, _)| *z == zone) {
-            demand.push((zone, Instant::now()));
+    /// The placement of `vm` (`request`) was refused with `refusal`: if a
+    /// standby host would take it, power saving switches that host on at
+    /// its next pass, and the refusal says so and when to retry.
+    pub(super) fn placement_refused(
+        &self,
+        inv: &Inventory,
+        vm: &str,
+        request: &kumo_sched::Request,
+        mut refusal: ApiError,
+    ) -> ApiError {
+        let host = inv.host_to_wake(request);
+        let wake = host.map(|h| Wake {
+            host: h.rec.name.clone(),
+            vm: vm.to_string(),
+        });
+        {
+            let mut demand = self.power.demand.lock().expect("lock");
+            let known = demand
+                .iter()
+                .any(|d| d.zone == request.zone && d.wake == wake);
+            if demand.len() < 1000 && !known {
+                demand.push(Demand {
+                    zone: request.zone.clone(),
+                    wake,
+                });
+            }
         }
+        let Some(h) = host else {
+            return refusal;
+        };
+        let boot = *self.power.boot_time.lock().expect("lock");
+        let (doing, wait) = match h.live.waking_since {
+            Some(since) if h.waking() => (
+                "is switching on",
+                boot.map(|b| b.saturating_sub(since.elapsed())),
+            ),
+            _ => ("is switched on", boot.map(|b| b + self.power_period)),
+        };
+        let retry = match wait {
+            Some(w) => format!("retry in about {} s", w.as_secs().max(1)),
+            None => format!(
+                "retry once it reports (the next power-saving pass, within {} s, switches it on)",
+                self.power_period.as_secs().max(1)
+            ),
+        };
+        refusal.message = format!(
+            "{}; no ready host fits, but standby host {}, which does, {doing}: {retry}",
+            refusal.message, h.rec.name
+        );
+        refusal
+    }
+
+    /// A host switched on by power saving reported, `took` after its
+    /// power-on command: what the next refusal tells users to wait.
+    pub(super) fn power_booted(&self, took: Duration) {
+        *self.power.boot_time.lock().expect("lock") = Some(took);
     }
 
     pub async fn zone_power_saving_get(&self, zone: &str) -> Result<PowerSavingStatus> {
-        // A pass may be running a command: its booting hosts are then
-        // left out of the share.
-        let booting = self
-            .power
-            .memory
-            .try_lock()
-            .map(|m| m.booting.clone())
-            .unwrap_or_default();
         let inv = self.inv.read().await;
         let z = lookup(&inv.zones, "zone", zone)?;
         let hosts: Vec<&HostEntry> = inv.hosts.values().filter(|h| h.rec.zone == zone).collect();
@@ -286,7 +371,7 @@ impl App {
             energy_saved_wh: hosts
                 .iter()
                 .fold(0.0, |wh, h| wh + inv.energy_saved_wh(&h.rec)),
-            free_memory_share: inv.free_share(zone, &booting),
+            free_memory_share: inv.free_share(zone),
         })
     }
 
@@ -445,9 +530,9 @@ impl App {
         // reports (which makes it schedulable again).
         e.live.down = true;
         e.live.load = None;
+        e.live.waking_since = Some(Instant::now());
         inv.sync_host(&p.host);
         mem.failed.remove(&p.host);
-        mem.booting.insert(p.host.clone(), Instant::now());
         mem.powered_on.insert(zone.to_string(), Instant::now());
         Ok(())
     }
@@ -466,12 +551,6 @@ impl App {
         let mut consolidate = Vec::new();
         {
             let inv = self.inv.read().await;
-            mem.booting.retain(|h, t| {
-                t.elapsed() < BOOT_TIMEOUT
-                    && inv.hosts.get(h).is_some_and(|e| {
-                        e.rec.mode == HostMode::Active && e.state() == HostState::Down
-                    })
-            });
             for (zone, z) in &inv.zones {
                 let Some(ps) = &z.power_saving else {
                     continue;
@@ -489,26 +568,47 @@ impl App {
                         ));
                     }
                 }
-                let share = inv.free_share(zone, &mem.booting);
-                // A host already switched on will take what was refused
-                // once it reports.
-                let booting = in_zone().any(|h| mem.booting.contains_key(&h.rec.name));
+                let share = inv.free_share(zone);
+                let booting = in_zone().any(HostEntry::waking);
                 let last_on = mem.powered_on.get(zone);
-                let refused = !booting
-                    && demand.iter().any(|(d, at)| {
-                        d.as_ref().is_none_or(|d| d == zone) && last_on.is_none_or(|t| at > t)
-                    });
-                let reason = if refused {
-                    Some("a placement in the zone was refused".to_string())
-                } else if share < ps.headroom {
-                    Some(format!(
+                // The standby hosts refused VMs need (the refusal chose
+                // them with the scheduler), each once.
+                let mut wakes: Vec<&Wake> = Vec::new();
+                for w in demand.iter().filter_map(|d| d.wake.as_ref()) {
+                    let standby = inv
+                        .hosts
+                        .get(&w.host)
+                        .is_some_and(|h| h.rec.zone == *zone && h.rec.mode == HostMode::Standby);
+                    if standby && retry(&mem, &w.host) && !wakes.iter().any(|o| o.host == w.host) {
+                        wakes.push(w);
+                    }
+                }
+                for w in &wakes {
+                    let h = &inv.hosts[&w.host];
+                    ons.push((
+                        zone.clone(),
+                        PowerOn {
+                            host: w.host.clone(),
+                            address: h.rec.address.clone(),
+                            command: ps.power_on_command.clone(),
+                            reason: format!(
+                                "the placement of VM {} was refused and this standby host takes it",
+                                w.vm
+                            ),
+                        },
+                    ));
+                }
+                // Short of memory: the host with the most of it.
+                let reason = (wakes.is_empty() && share < ps.headroom).then(|| {
+                    format!(
                         "the zone's free schedulable memory is {:.0}%, below the {:.0}% headroom",
                         share * 100.0,
                         ps.headroom * 100.0
-                    ))
-                } else {
-                    None
-                };
+                    )
+                });
+                if !wakes.is_empty() {
+                    continue;
+                }
                 if let Some(reason) = reason {
                     // The host with the most memory; one still on first.
                     let pick = in_zone()
@@ -537,7 +637,7 @@ impl App {
                     || last_on.is_some_and(|t| t.elapsed() < quiet)
                     || demand
                         .iter()
-                        .any(|(d, _)| d.as_ref().is_none_or(|d| d == zone));
+                        .any(|d| d.zone.as_ref().is_none_or(|d| d == zone));
                 if !busy {
                     consolidate.push(zone.clone());
                 }
@@ -553,7 +653,7 @@ impl App {
         }
         self.check_emptying().await?;
         for zone in consolidate {
-            self.consolidate(&mem, &zone).await?;
+            self.consolidate(&zone).await?;
         }
         Ok(())
     }
@@ -648,7 +748,7 @@ impl App {
 
     /// Plan one host of the zone to empty; mark it draining towards
     /// standby and start its VMs' moves.
-    async fn consolidate(&self, mem: &PowerMemory, zone: &str) -> Result<()> {
+    async fn consolidate(&self, zone: &str) -> Result<()> {
         let mut inv = self.inv.write().await;
         let Some(ps) = inv.zones.get(zone).and_then(|z| z.power_saving.clone()) else {
             return Ok(());
@@ -689,7 +789,7 @@ impl App {
         };
         // The zone without the host must keep the headroom, or it would be
         // switched on again at once.
-        let (total, allocated) = inv.zone_memory(zone, &mem.booting);
+        let (total, allocated) = inv.zone_memory(zone);
         let h = &inv.hosts[&host];
         let without = total - h.rec.capacity.memory_mib as f64 * h.rec.memory_overcommit;
         if without <= 0.0 || 1.0 - allocated / without < ps.headroom {
@@ -813,5 +913,115 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod wake_tests {
+    use super::*;
+    use crate::app::testing::{HostSpec, TestApp};
+    use kumo_api::{CreateVm, ErrorCode};
+
+    /// Put a registered host into standby, switched off.
+    async fn standby(t: &TestApp, spec: HostSpec<'_>) {
+        let name = spec.name.to_string();
+        t.ready_host(spec).await;
+        let mut inv = t.app.inv.write().await;
+        let rec = HostRecord {
+            mode: HostMode::Standby,
+            standby_since: Some(now_ms()),
+            ..inv.hosts[&name].rec.clone()
+        };
+        inv.install_host(rec);
+    }
+
+    #[tokio::test]
+    async fn the_standby_host_that_fits_is_woken_first_time() {
+        check().await;
+    }
+
+    /// Three standby hosts, only the smallest of which has the label a
+    /// VM requires: the refusal names it, and the next pass switches on
+    /// that host and no other; a second refusal waits for it.
+    pub(crate) async fn check() {
+        let t = TestApp::new(Duration::from_secs(600)).await;
+        t.ready_host(HostSpec::new("h1")).await;
+        let settings = PowerSaving {
+            headroom: 0.2,
+            max_load: 30.0,
+            power_off_command: "true".into(),
+            power_on_command: "true".into(),
+            idle_watts: 100.0,
+        };
+        t.app.zone_power_saving_set("z1", settings).await.unwrap();
+        standby(
+            &t,
+            HostSpec {
+                memory_mib: 65_536,
+                ..HostSpec::new("s1")
+            },
+        )
+        .await;
+        standby(
+            &t,
+            HostSpec {
+                memory_mib: 32_768,
+                ..HostSpec::new("s2")
+            },
+        )
+        .await;
+        standby(
+            &t,
+            HostSpec {
+                memory_mib: 8_192,
+                labels: &[("gpu", "yes")],
+                ..HostSpec::new("s3")
+            },
+        )
+        .await;
+        let gpu = CreateVm {
+            requirements: Some(r#"labels.gpu == "yes""#.into()),
+            ..TestApp::vm("web", 1024)
+        };
+        for pass in 0..2 {
+            let e = match t.app.vm_create(gpu.clone()).await {
+                Err(crate::Error::Api(e)) => e,
+                other => panic!("pass {pass}: {other:?}"),
+            };
+            assert_eq!(e.code, ErrorCode::NoValidHost);
+            let doing = if pass == 0 {
+                "is switched on"
+            } else {
+                "is switching on"
+            };
+            assert!(
+                e.message
+                    .contains(&format!("standby host s3, which does, {doing}: retry")),
+                "{}",
+                e.message
+            );
+            t.app.power_pass().await.unwrap();
+            let hosts = t.app.host_list().await;
+            let state = |n: &str| hosts.iter().find(|h| h.name == n).unwrap().state;
+            assert_eq!(state("s1"), HostState::Standby, "pass {pass}");
+            assert_eq!(state("s2"), HostState::Standby, "pass {pass}");
+            assert_eq!(state("s3"), HostState::Down, "pass {pass}: switched on");
+        }
+        let ons = t
+            .app
+            .inv
+            .read()
+            .await
+            .recent_events
+            .iter()
+            .filter(|e| e.kind == "power.on")
+            .map(|e| e.resource.clone())
+            .collect::<Vec<_>>();
+        assert_eq!(ons, ["host/s3"]);
+        // Once it reports, the VM fits, and the next refusal knows how
+        // long a boot takes.
+        t.heartbeat("s3").await;
+        t.app.vm_create(gpu.clone()).await.unwrap();
+        assert!(t.app.power.boot_time.lock().unwrap().is_some());
     }
 }

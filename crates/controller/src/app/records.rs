@@ -364,6 +364,11 @@ pub struct HostRecord {
     /// Energy saved in earlier standby periods, watt-hours.
     #[serde(default)]
     pub energy_saved_wh: f64,
+    /// Registered and not heard from yet (no heartbeat since it first
+    /// joined): out of placement. Records from before this field have
+    /// heartbeated, hence the default.
+    #[serde(default)]
+    pub joining: bool,
     /// Bumped with every change to what the host should run.
     pub generation: u64,
     pub token_sha256: String,

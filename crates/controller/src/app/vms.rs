@@ -34,6 +34,7 @@
 //! generation) is committed in the same store transaction as the VM, so a
 //! controller killed in between loses nothing.
 
+use super::transitions::{self, VmRequest};
 use super::{bump_generation, lookup, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -245,8 +246,10 @@ impl App {
             Ok(p) => p,
             Err(refusal) => {
                 // Power saving may switch a standby host on for this.
-                self.placement_refused(req.zone.clone());
-                return Err(no_valid_host(&refusal).into());
+                let refusal = no_valid_host(&refusal);
+                return Err(self
+                    .placement_refused(&inv, &req.name, &request, refusal)
+                    .into());
             }
         };
         let host = inv.hosts[&placement.host].rec.clone();
@@ -308,33 +311,19 @@ impl App {
         Ok(vm)
     }
 
-    /// Change a VM's desired state and bump its host's generation.
+    /// Change a VM's desired state and bump its host's generation, if its
+    /// state accepts the request (see [`transitions`]).
     async fn vm_change(
         &self,
         name: &str,
-        verb: &str,
-        change: impl FnOnce(&mut Vm) -> Result<()>,
+        request: VmRequest,
+        change: impl FnOnce(&mut Vm),
     ) -> Result<Vm> {
         let mut inv = self.inv.write().await;
         let mut vm = lookup(inv.vms(), "vm", name)?.clone();
-        if vm.state == VmState::Deleting {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                "name",
-                format!("VM {name:?} is being deleted"),
-            )
-            .into());
-        }
-        if let Some(m) = &vm.migration {
-            return Err(ApiError::new(ErrorCode::Conflict, "name",
-                format!(
-                    "VM {name:?} is migrating from {} to {}; wait for it or cancel it (`kumo vm migrate {name} --cancel`)",
-                    m.source, m.target
-                ),
-            )
-            .into());
-        }
-        change(&mut vm)?;
+        transitions::check_vm(&vm, request)?;
+        change(&mut vm);
+        let verb = request.verb();
         let mut batch = Batch::default();
         batch.put_vm(vm.clone());
         bump_generation(&inv, vm.host_id, &mut batch)?;
@@ -348,73 +337,40 @@ impl App {
         Ok(vm)
     }
 
+    /// Start a stopped VM, or retry a failed one (its reboot count tells
+    /// the host to try again).
     pub async fn vm_start(&self, name: &str) -> Result<Vm> {
-        self.vm_change(name, "start", |vm| {
-            match (vm.power, vm.state) {
-                (PowerState::Running, VmState::Failed) => vm.reboots += 1,
-                (PowerState::Running, _) => {
-                    return Err(ApiError::new(
-                        ErrorCode::Conflict,
-                        "name",
-                        format!(
-                        "VM {:?} is {} and meant to run; start applies to a stopped or failed VM",
-                        vm.name, vm.state
-                    ),
-                    )
-                    .into())
-                }
-                (PowerState::Stopped, _) => vm.power = PowerState::Running,
+        self.vm_change(name, VmRequest::Start, |vm| {
+            match vm.power {
+                PowerState::Running => vm.reboots += 1,
+                PowerState::Stopped => vm.power = PowerState::Running,
             }
             vm.state = VmState::Starting;
             vm.message = None;
-            Ok(())
         })
         .await
     }
 
     pub async fn vm_stop(&self, name: &str) -> Result<Vm> {
-        self.vm_change(name, "stop", |vm| {
-            if vm.power == PowerState::Stopped {
-                return Err(ApiError::new(ErrorCode::Conflict, "name",
-                    format!(
-                        "VM {:?} is {} and meant to be off; stop applies to a VM that is meant to run",
-                        vm.name, vm.state
-                    ),
-                )
-                .into());
-            }
+        self.vm_change(name, VmRequest::Stop, |vm| {
             vm.power = PowerState::Stopped;
             vm.state = VmState::Stopping;
-            Ok(())
         })
         .await
     }
 
     pub async fn vm_reboot(&self, name: &str) -> Result<Vm> {
-        self.vm_change(name, "reboot", |vm| {
-            if vm.state != VmState::Running {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    "name",
-                    format!(
-                        "VM {:?} is {}; only a running VM can be rebooted",
-                        vm.name, vm.state
-                    ),
-                )
-                .into());
-            }
+        self.vm_change(name, VmRequest::Reboot, |vm| {
             vm.reboots += 1;
             vm.state = VmState::Rebooting;
-            Ok(())
         })
         .await
     }
 
     pub async fn vm_delete(&self, name: &str) -> Result<Vm> {
-        self.vm_change(name, "delete", |vm| {
+        self.vm_change(name, VmRequest::Delete, |vm| {
             vm.state = VmState::Deleting;
             vm.message = None;
-            Ok(())
         })
         .await
     }
@@ -475,6 +431,7 @@ impl App {
     pub async fn vm_agent(&self, name: &str) -> Result<(Vm, String, String)> {
         let inv = self.inv.read().await;
         let vm = lookup(inv.vms(), "vm", name)?.clone();
+        transitions::check_vm(&vm, VmRequest::Console)?;
         let host = inv
             .host_by_id(vm.host_id)
             .ok_or_else(|| crate::Error::internal(format!("host of VM {name} missing")))?;

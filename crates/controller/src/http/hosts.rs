@@ -50,14 +50,14 @@ pub async fn delete(state: AppState, ApiPath(name): ApiPath) -> Result<StatusCod
 
 /// Take a host out of placement; its VMs keep running.
 #[utoipa::path(post, path = "/v1/hosts/{name}/disable", params(("name" = String, Path)),
-    responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+    responses((status = 200, body = Host), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn disable(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Host>> {
     Ok(Json(state.host_set_enabled(&name, false).await?))
 }
 
 /// Put a disabled host back into placement.
 #[utoipa::path(post, path = "/v1/hosts/{name}/enable", params(("name" = String, Path)),
-    responses((status = 200, body = Host), (status = 404, body = ApiError)))]
+    responses((status = 200, body = Host), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn enable(state: AppState, ApiPath(name): ApiPath) -> Result<Json<Host>> {
     Ok(Json(state.host_set_enabled(&name, true).await?))
 }
