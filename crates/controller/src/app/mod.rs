@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod inventory;
 pub mod join_tokens;
 pub mod migrations;
+pub mod pages;
 pub mod passes;
 pub mod power;
 pub mod rebalance;
