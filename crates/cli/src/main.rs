@@ -3,15 +3,16 @@
 mod config;
 mod console;
 mod output;
+mod size;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kumo_api::{
     CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, DrainPlan, EventQuery, Host,
     HostListQuery, HostState, MigrateVm, MigrationOutcome, UpdateHost, Vm, VmListQuery, VmState,
 };
 use kumo_client::Client;
-use output::{age, Format};
+use output::{age, outln, Format};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ struct Cli {
 enum Command {
     /// Save the controller URL and token for later commands.
     Login {
+        /// The controller's URL, e.g. http://127.0.0.1:7370.
         url: String,
         /// File holding the token (the controller's `admin-token`).
         #[arg(long)]
@@ -55,18 +57,27 @@ enum Command {
     Group(GroupCmd),
     /// Automatic rebalancing: its settings and what its last pass did.
     Rebalance,
+    /// Print a shell completion script, e.g. `kumo completions bash >
+    /// /etc/bash_completion.d/kumo`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// How many more VMs of a shape fit now, and what runs out first.
     Capacity {
+        /// Virtual CPUs of one VM.
         #[arg(long)]
         vcpus: u32,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory of one VM, e.g. 512M or 2G; a plain number is in MiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::mib)]
         memory: u64,
-        /// Disk in GiB.
-        #[arg(long, default_value_t = 1)]
+        /// Disk of one VM, e.g. 20G; a plain number is in GiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::gib, default_value = "1")]
         disk: u64,
+        /// Only hosts in this zone (default: all).
         #[arg(long)]
         zone: Option<String>,
+        /// `dedicated`: whole host cores of its own, pinned.
         #[arg(long, value_parser = ["shared", "dedicated"])]
         cpu_policy: Option<String>,
         /// Only hosts where this holds.
@@ -77,27 +88,37 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ZoneCmd {
+    /// List every zone.
     List,
+    /// Show one zone.
     Show {
+        /// The zone's name.
         name: String,
     },
+    /// Create a zone.
     Create {
+        /// The zone's name.
         name: String,
+        /// What the zone is, e.g. "campus B, rack 3".
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Delete a zone without hosts.
     Delete {
+        /// The zone's name.
         name: String,
     },
     /// Move the VMs of every host in the zone away live (a planned
     /// outage); the hosts go to maintenance once empty.
     Drain {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: DrainArgs,
     },
     /// Take the zone's drained hosts back into placement.
     Undrain {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: UndrainArgs,
@@ -105,6 +126,7 @@ enum ZoneCmd {
     /// Power saving: empty lightly loaded hosts and switch them off, switch
     /// them on when demand rises. Without --on or --off: show its status.
     PowerSaving {
+        /// The zone's name.
         name: String,
         #[command(flatten)]
         args: PowerSavingArgs,
@@ -172,18 +194,24 @@ enum HostCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Show one host.
     Show {
+        /// The host's name.
         name: String,
     },
     /// Take a host out of placement (its VMs keep running).
     Disable {
+        /// The host's name.
         name: String,
     },
+    /// Take a disabled host back into placement.
     Enable {
+        /// The host's name.
         name: String,
     },
     /// Change a host's overcommit ratios.
     Set {
+        /// The host's name.
         name: String,
         /// Shared vCPUs per core.
         #[arg(long)]
@@ -194,17 +222,20 @@ enum HostCmd {
     },
     /// Remove a host without VMs from the pool.
     Delete {
+        /// The host's name.
         name: String,
     },
     /// Move the host's VMs away live for maintenance; the host goes to
     /// maintenance once empty.
     Drain {
+        /// The host's name.
         name: String,
         #[command(flatten)]
         args: DrainArgs,
     },
     /// Take a drained host back into placement.
     Undrain {
+        /// The host's name.
         name: String,
         #[command(flatten)]
         args: UndrainArgs,
@@ -222,22 +253,30 @@ enum TokenCmd {
         #[arg(long)]
         ttl: Option<u64>,
     },
+    /// Join tokens not used or expired yet.
     List,
 }
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// List every image.
     List,
+    /// Show one image.
     Show {
+        /// The image's name.
         name: String,
     },
     /// Import a qcow2 or raw disk image file.
     Import {
+        /// The name VMs will use for the image.
         name: String,
+        /// The image file to upload.
         #[arg(long)]
         file: PathBuf,
     },
+    /// Delete an image no VM uses.
     Delete {
+        /// The image's name.
         name: String,
     },
 }
@@ -260,21 +299,29 @@ enum VmCmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Show one VM.
     Show {
+        /// The VM's name.
         name: String,
     },
+    /// Create a VM on the host the scheduler chooses, and start it.
     Create {
+        /// The VM's name.
         name: String,
+        /// The image its root disk is made from.
         #[arg(long)]
         image: String,
+        /// Virtual CPUs.
         #[arg(long)]
         vcpus: u32,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory, e.g. 512M or 2G; a plain number is in MiB.
+        #[arg(long, value_name = "SIZE", value_parser = size::mib)]
         memory: u64,
-        /// Root disk in GiB (default: the image's size).
-        #[arg(long)]
+        /// Root disk, e.g. 20G; a plain number is in GiB (default: the
+        /// image's size).
+        #[arg(long, value_name = "SIZE", value_parser = size::gib)]
         disk: Option<u64>,
+        /// Only hosts in this zone (default: any).
         #[arg(long)]
         zone: Option<String>,
         /// `dedicated`: whole host cores of its own, pinned.
@@ -303,28 +350,42 @@ enum VmCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Start a stopped VM.
     Start {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is running.
         #[arg(long)]
         wait: bool,
     },
+    /// Stop a VM: ACPI power button, then a hard stop if the guest does
+    /// not power off in time.
     Stop {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is stopped.
         #[arg(long)]
         wait: bool,
     },
+    /// Reset a running VM.
     Reboot {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is running again.
         #[arg(long)]
         wait: bool,
     },
+    /// Delete a VM and its disk.
     Delete {
+        /// The VM's name.
         name: String,
+        /// Wait until the VM is gone.
         #[arg(long)]
         wait: bool,
     },
     /// Move a VM to another host: live if it runs, cold if it is stopped.
     Migrate {
+        /// The VM's name.
         name: String,
         /// Target host (default: the scheduler chooses).
         #[arg(long)]
@@ -341,6 +402,7 @@ enum VmCmd {
     },
     /// Attach to the serial console (leave with Ctrl-]), or print its log.
     Console {
+        /// The VM's name.
         name: String,
         /// Print what the guest has written so far and exit.
         #[arg(long)]
@@ -350,22 +412,34 @@ enum VmCmd {
 
 #[derive(Subcommand)]
 enum GroupCmd {
+    /// List every group.
     List,
-    Create {
+    /// Show one group.
+    Show {
+        /// The group's name.
         name: String,
+    },
+    /// Create a group; VMs join it with `vm create --group`.
+    Create {
+        /// The group's name.
+        name: String,
+        /// `affinity`: its VMs on one host; `anti_affinity`: each on another.
         #[arg(long, value_parser = ["affinity", "anti_affinity"])]
         policy: String,
         /// Only prefer hosts that keep the rule, never refuse.
         #[arg(long)]
         soft: bool,
     },
+    /// Delete a group without VMs.
     Delete {
+        /// The group's name.
         name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum EventCmd {
+    /// The newest events, oldest first.
     List {
         /// Only events about this resource, e.g. vm/web.
         #[arg(long)]
@@ -385,7 +459,17 @@ async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", output::printable(&chain.join(": ")));
+        let hint = if e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<kumo_client::Error>(),
+                Some(kumo_client::Error::NotKumo { .. })
+            )
+        }) {
+            " (is kumod running there? `kumo login URL --token-file FILE` or KUMO_URL changes the URL)"
+        } else {
+            ""
+        };
+        eprintln!("error: {}{hint}", output::printable(&chain.join(": ")));
         std::process::exit(1);
     }
 }
@@ -422,21 +506,30 @@ async fn run(cli: Cli) -> Result<()> {
         let client = Client::new(url, token.trim());
         client.zones().await.context("checking the URL and token")?;
         let path = config::save(url, token.trim())?;
-        println!(
+        outln!(
             "logged in to {url}; credentials saved in {}",
             path.display()
         );
         return Ok(());
     }
+    if let Command::Completions { shell } = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "kumo", &mut script);
+        output::write_stdout(&script);
+        return Ok(());
+    }
     let client = config::client()?;
     match cli.command {
-        Command::Login { .. } => unreachable!("handled above"),
+        Command::Login { .. } | Command::Completions { .. } => unreachable!("handled above"),
         Command::Zone(cmd) => match cmd {
             ZoneCmd::List => out.zones(&client.zones().await?),
-            ZoneCmd::Show { name } => out.zones(&[client.zone(&name).await?]),
-            ZoneCmd::Create { name, description } => out.zones(&[client
-                .zone_create(&CreateZone { name, description })
-                .await?]),
+            ZoneCmd::Show { name } => out.one(&client.zone(&name).await?, Format::zones),
+            ZoneCmd::Create { name, description } => out.one(
+                &client
+                    .zone_create(&CreateZone { name, description })
+                    .await?,
+                Format::zones,
+            ),
             ZoneCmd::Delete { name } => {
                 client.zone_delete(&name).await?;
                 out.done(&format!("zone {name} deleted"));
@@ -458,9 +551,13 @@ async fn run(cli: Cli) -> Result<()> {
                 };
                 out.hosts(&client.hosts_where(&q).await?)
             }
-            HostCmd::Show { name } => out.hosts(&[client.host(&name).await?]),
-            HostCmd::Disable { name } => out.hosts(&[client.host_enable(&name, false).await?]),
-            HostCmd::Enable { name } => out.hosts(&[client.host_enable(&name, true).await?]),
+            HostCmd::Show { name } => out.one(&client.host(&name).await?, Format::hosts),
+            HostCmd::Disable { name } => {
+                out.one(&client.host_enable(&name, false).await?, Format::hosts)
+            }
+            HostCmd::Enable { name } => {
+                out.one(&client.host_enable(&name, true).await?, Format::hosts)
+            }
             HostCmd::Set {
                 name,
                 cpu_overcommit,
@@ -470,7 +567,7 @@ async fn run(cli: Cli) -> Result<()> {
                     cpu_overcommit,
                     memory_overcommit,
                 };
-                out.hosts(&[client.host_update(&name, &req).await?])
+                out.one(&client.host_update(&name, &req).await?, Format::hosts)
             }
             HostCmd::Delete { name } => {
                 client.host_delete(&name).await?;
@@ -486,7 +583,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await?;
                 match out {
                     Format::Json => output::json(&t),
-                    Format::Table => println!("{}", t.token.unwrap_or_default()),
+                    Format::Table => outln!("{}", t.token.unwrap_or_default()),
                 }
             }
             HostCmd::Token(TokenCmd::List) => {
@@ -511,12 +608,12 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Image(cmd) => match cmd {
             ImageCmd::List => out.images(&client.images().await?),
-            ImageCmd::Show { name } => out.images(&[client.image(&name).await?]),
+            ImageCmd::Show { name } => out.one(&client.image(&name).await?, Format::images),
             ImageCmd::Import { name, file } => {
                 let spinner = output::spinner(&format!("uploading {}", file.display()));
                 let image = client.image_import(&name, &file).await;
                 spinner.finish_and_clear();
-                out.images(&[image?]);
+                out.one(&image?, Format::images);
             }
             ImageCmd::Delete { name } => {
                 client.image_delete(&name).await?;
@@ -526,13 +623,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Vm(cmd) => vm(&client, out, cmd).await?,
         Command::Group(cmd) => match cmd {
             GroupCmd::List => out.groups(&client.groups().await?),
+            GroupCmd::Show { name } => out.one(&client.group(&name).await?, Format::groups),
             GroupCmd::Create { name, policy, soft } => {
                 let req = CreateGroup {
                     name,
                     policy: api_enum(policy)?,
                     hard: Some(!soft),
                 };
-                out.groups(&[client.group_create(&req).await?])
+                out.one(&client.group_create(&req).await?, Format::groups)
             }
             GroupCmd::Delete { name } => {
                 client.group_delete(&name).await?;
@@ -558,7 +656,7 @@ async fn run(cli: Cli) -> Result<()> {
             let report = client.capacity(&q).await?;
             match out {
                 Format::Json => output::json(&report),
-                Format::Table => println!(
+                Format::Table => outln!(
                     "{} more VM(s) of {vcpus} vCPUs, {memory} MiB, {disk} GiB fit on {} host(s); runs out first: {}",
                     report.fits,
                     report.hosts,
@@ -690,7 +788,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
                     Format::Json => output::json(&vm),
                     Format::Table => {
                         if let Some(r) = &vm.last_migration {
-                            println!("{}", output::printable(&output::migration_result(r)));
+                            outln!("{}", output::printable(&output::migration_result(r)));
                         }
                     }
                 }
@@ -711,7 +809,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
         }
         VmCmd::Console { name, log } => {
             if log {
-                print!("{}", client.console_log(&name).await?.text);
+                output::write_stdout(client.console_log(&name).await?.text.as_bytes());
             } else {
                 console::attach(client, &name).await?;
             }
@@ -722,7 +820,7 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
         Some(target) => wait_state(client, &vm.name, target).await?,
         None => vm,
     };
-    out.vms(&[vm]);
+    out.one(&vm, Format::vms);
     Ok(())
 }
 
@@ -886,7 +984,7 @@ async fn drain(client: &Client, out: Format, scope: Scope, args: DrainArgs) -> R
             .iter()
             .map(|h| format!("{} {}", h.name, h.state))
             .collect();
-        println!("{scope} drained: {}", states.join(", "));
+        outln!("{scope} drained: {}", states.join(", "));
     }
     Ok(())
 }
@@ -902,7 +1000,7 @@ async fn undrain(client: &Client, out: Format, scope: Scope, args: UndrainArgs) 
     let names: Vec<String> = hosts.into_iter().map(|h| h.name).collect();
     wait_moves(client, &scope, &names, Goal::Returned).await?;
     if let Format::Table = out {
-        println!("{scope}: every VM its drain moved away is back");
+        outln!("{scope}: every VM its drain moved away is back");
     }
     Ok(())
 }
@@ -1038,6 +1136,66 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("kumo").chain(args.iter().copied()))
+    }
+
+    /// Every subcommand and every argument (flags and positionals) of
+    /// `kumo`, at any depth, has a help line.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn missing(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                out.push(path.clone());
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.get_help().is_none() && !builtin {
+                    out.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                missing(sub, &path, out);
+            }
+        }
+        let mut out = Vec::new();
+        missing(&Cli::command(), "", &mut out);
+        assert!(out.is_empty(), "no help line for:\n{}", out.join("\n"));
+    }
+
+    #[test]
+    fn size_flags_take_units_and_name_the_flag_when_refused() {
+        let cli = parse(&[
+            "vm", "create", "web", "--image", "i", "--vcpus", "1", "--memory", "2G", "--disk",
+            "20G",
+        ])
+        .unwrap();
+        let Command::Vm(VmCmd::Create { memory, disk, .. }) = cli.command else {
+            panic!("vm create");
+        };
+        assert_eq!((memory, disk), (2048, Some(20)));
+        let cli = parse(&["capacity", "--vcpus", "1", "--memory", "512"]).unwrap();
+        let Command::Capacity { memory, disk, .. } = cli.command else {
+            panic!("capacity");
+        };
+        assert_eq!((memory, disk), (512, 1));
+        let err = parse(&[
+            "vm", "create", "web", "--image", "i", "--vcpus", "1", "--memory", "2X",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("'2X' for '--memory <SIZE>'"), "{err}");
+        assert!(err.contains("K, M, G or T"), "{err}");
+        let err = parse(&[
+            "capacity", "--vcpus", "1", "--memory", "1G", "--disk", "1.5G",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("'--disk <SIZE>'") && err.contains("not a whole number of GiB"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,16 +3,50 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use kumo_api::{DrainPlan, Event, Group, Host, Image, Millis, Vm, Zone};
 use serde::Serialize;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
+/// How results are printed (`-o`).
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
+    /// Aligned columns for people.
     Table,
+    /// JSON: one object for one resource, an array for a list.
     Json,
 }
 
+/// `println!` for what kumo prints as its result (tables, JSON, messages),
+/// through [`write_stdout`]: a closed pipe ends kumo quietly instead of
+/// panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+pub(crate) use outln;
+
+/// Write `bytes` to standard output and flush them.
+///
+/// A reader that went away (`kumo host list | head -1`) ends kumo at once,
+/// quietly, with status 0: there is no one left to tell, and what kumo was
+/// asked to do is done. This is what dying by SIGPIPE gives C tools, without
+/// the signal: Rust ignores SIGPIPE, and kumo keeps it that way so a
+/// connection to the controller closing under it stays an error kumo can
+/// report rather than a silent death. Any other failure to write (a full
+/// disk) ends kumo with a message and status 1.
+pub fn write_stdout(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `v` as pretty-printed JSON, one document.
 pub fn json<T: Serialize + ?Sized>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("serializes"));
 }
 
 /// A cell as it may reach a terminal: control characters (escape
@@ -42,18 +76,21 @@ pub fn table(headers: &[&str], rows: Vec<Vec<String>>) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut text = String::new();
+    let mut line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        text += parts.join("  ").trim_end();
+        text.push('\n');
     };
     line(headers.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+    write_stdout(text.as_bytes());
 }
 
 fn now() -> Millis {
@@ -206,10 +243,20 @@ pub fn migration_result(r: &kumo_api::MigrationResult) -> String {
 }
 
 impl Format {
+    /// One resource: a JSON object (not a one-element array, as
+    /// `openstack … show -f json` prints one too), or a one-row table
+    /// drawn by `table`, e.g. `out.one(&vm, Format::vms)`.
+    pub fn one<T: Serialize>(self, item: &T, table: fn(Format, &[T])) {
+        match self {
+            Format::Json => json(item),
+            Format::Table => table(self, std::slice::from_ref(item)),
+        }
+    }
+
     pub fn done(self, msg: &str) {
         match self {
             Format::Json => json(&serde_json::json!({ "ok": true, "message": msg })),
-            Format::Table => println!("{msg}"),
+            Format::Table => outln!("{msg}"),
         }
     }
 
@@ -218,14 +265,14 @@ impl Format {
             return json(p);
         }
         match &p.settings {
-            Some(s) => println!(
+            Some(s) => outln!(
                 "zone {}: power saving on (headroom {:.0}%, hosts below {}% CPU emptied, {} W idle)",
                 p.zone,
                 s.headroom * 100.0,
                 s.max_load,
                 s.idle_watts
             ),
-            None => println!("zone {}: power saving off", p.zone),
+            None => outln!("zone {}: power saving off", p.zone),
         }
         let list = |v: &[String]| {
             if v.is_empty() {
@@ -234,17 +281,17 @@ impl Format {
                 v.join(", ")
             }
         };
-        println!("standby:      {}", list(&p.standby));
-        println!("emptying:     {}", list(&p.draining));
-        println!("free memory:  {:.0}%", p.free_memory_share * 100.0);
-        println!("energy saved: {:.1} Wh", p.energy_saved_wh);
+        outln!("standby:      {}", list(&p.standby));
+        outln!("emptying:     {}", list(&p.draining));
+        outln!("free memory:  {:.0}%", p.free_memory_share * 100.0);
+        outln!("energy saved: {:.1} Wh", p.energy_saved_wh);
     }
 
     pub fn rebalance(self, r: &kumo_api::RebalanceStatus) {
         if let Format::Json = self {
             return json(r);
         }
-        println!(
+        outln!(
             "rebalancing {}: hosts above {}% for {:.0} s; at most {} move(s) per {:.0} s, {} under way; VMs stay {:.0} s after a move",
             if r.enabled { "on" } else { "off" },
             r.threshold,
@@ -254,9 +301,9 @@ impl Format {
             r.max_in_flight,
             r.cooldown_seconds
         );
-        println!("migrations started: {}", r.started_total);
+        outln!("migrations started: {}", r.started_total);
         if let Some(p) = &r.last_pass {
-            println!(
+            outln!(
                 "last pass {} ago: {} overloaded host(s), {} candidate(s), imbalance {:.2} -> {:.2}",
                 age(p.at),
                 p.overloaded.len(),
@@ -266,12 +313,12 @@ impl Format {
             );
             for m in &p.moves {
                 match &m.error {
-                    None => println!("  {} {} -> {}: {}", m.vm, m.from, m.to, m.reason),
-                    Some(e) => println!("  {} {} -> {}: not started: {e}", m.vm, m.from, m.to),
+                    None => outln!("  {} {} -> {}: {}", m.vm, m.from, m.to, m.reason),
+                    Some(e) => outln!("  {} {} -> {}: not started: {e}", m.vm, m.from, m.to),
                 }
             }
             if let Some(note) = &p.note {
-                println!("  {note}");
+                outln!("  {note}");
             }
         }
     }
@@ -414,7 +461,7 @@ impl Format {
                     .collect(),
             );
         }
-        println!("{}", drain_summary(plan));
+        outln!("{}", drain_summary(plan));
     }
 
     pub fn groups(self, groups: &[Group]) {
@@ -443,10 +490,8 @@ impl Format {
     pub fn event_lines(self, events: &[Event]) {
         for e in events {
             match self {
-                Format::Json => {
-                    println!("{}", serde_json::to_string(e).expect("events serialize"))
-                }
-                Format::Table => println!(
+                Format::Json => outln!("{}", serde_json::to_string(e).expect("events serialize")),
+                Format::Table => outln!(
                     "{:<8} {:<24} {:<20} {}",
                     e.seq,
                     printable(&e.kind),

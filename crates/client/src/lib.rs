@@ -6,12 +6,23 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
 
+/// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The controller answered with an error.
     #[error("{0}")]
     Api(ApiError),
-    #[error("cannot reach the controller at {url}")]
+    /// Nothing at `url` answers as a kumo controller: the saved URL is
+    /// wrong, or the controller is not running there (any more).
+    #[error("no kumo controller answers at {url}")]
+    NotKumo {
+        url: String,
+        #[source]
+        why: NotKumo,
+    },
+    /// A kumo controller was reached, but the exchange broke off or its
+    /// reply could not be read.
+    #[error("talking to the controller at {url}")]
     Http {
         url: String,
         #[source]
@@ -24,6 +35,32 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+/// Why an address does not count as a kumo controller.
+#[derive(Debug, thiserror::Error)]
+pub enum NotKumo {
+    /// Nothing listens on the port.
+    #[error("connection refused")]
+    Refused,
+    /// No connection within [`CONNECT_TIMEOUT`] (the address is gone, or
+    /// a firewall drops the packets).
+    #[error("no connection within {} s", CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+    /// The connection failed otherwise (no route, unknown name, TLS).
+    #[error("cannot connect")]
+    Connect(#[source] reqwest::Error),
+    /// Something answered, but not as kumo does: an error status without
+    /// kumo's JSON error body (another web server's 404 page, a proxy's
+    /// 502), or a success that is not JSON.
+    #[error("HTTP {status} ({}) is not a kumo reply", content_type.as_deref().unwrap_or("no content type"))]
+    Reply {
+        status: StatusCode,
+        content_type: Option<String>,
+    },
+}
+
+/// How long a connection to the controller may take to open.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Error {
     /// The API error code, if the controller answered with one.
@@ -55,6 +92,13 @@ fn segment(name: &str) -> String {
         .collect()
 }
 
+/// A reply's media type, without parameters (`application/json`).
+fn content_type(resp: &reqwest::Response) -> Option<&str> {
+    let value = resp.headers().get(reqwest::header::CONTENT_TYPE)?;
+    let media = value.to_str().ok()?.split(';').next()?.trim();
+    Some(media)
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
@@ -68,7 +112,7 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             http: reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(5))
+                .connect_timeout(CONNECT_TIMEOUT)
                 .build()
                 .expect("http client"),
         }
@@ -84,27 +128,67 @@ impl Client {
             .bearer_auth(&self.token)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|source| Error::Http {
+    /// A failure of `reqwest`: one to connect means no kumo controller
+    /// answers at the URL; any later one is an exchange broken off.
+    fn transport(&self, source: reqwest::Error) -> Error {
+        if !source.is_connect() {
+            return Error::Http {
+                url: self.base.clone(),
+                source,
+            };
+        }
+        let refused =
+            std::iter::successors(Some(&source as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .filter_map(|e| e.downcast_ref::<std::io::Error>())
+            .any(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        let why = if refused {
+            NotKumo::Refused
+        } else if source.is_timeout() {
+            NotKumo::ConnectTimeout
+        } else {
+            NotKumo::Connect(source)
+        };
+        self.not_kumo(why)
+    }
+
+    fn not_kumo(&self, why: NotKumo) -> Error {
+        Error::NotKumo {
             url: self.base.clone(),
-            source,
-        })?;
+            why,
+        }
+    }
+
+    /// What a reply that is not kumo's says about itself.
+    fn foreign(&self, resp: &reqwest::Response) -> Error {
+        self.not_kumo(NotKumo::Reply {
+            status: resp.status(),
+            content_type: content_type(resp).map(str::to_string),
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| self.transport(e))?;
         if resp.status().is_success() || resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return Ok(resp);
         }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        Err(Error::Api(serde_json::from_str(&text).unwrap_or_else(
-            |_| ApiError::server(ErrorCode::Internal, format!("HTTP {status}: {text}")),
-        )))
+        let foreign = self.foreign(&resp);
+        let text = resp.text().await.map_err(|e| self.transport(e))?;
+        // Every error kumo answers carries its JSON error body; anything
+        // else came from something that is not kumo.
+        match serde_json::from_str(&text) {
+            Ok(e) => Err(Error::Api(e)),
+            Err(_) => Err(foreign),
+        }
     }
 
     async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
         let resp = self.send(req).await?;
-        resp.json().await.map_err(|source| Error::Http {
-            url: self.base.clone(),
-            source,
-        })
+        if content_type(&resp) != Some("application/json") {
+            return Err(self.foreign(&resp));
+        }
+        resp.json().await.map_err(|e| self.transport(e))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -199,6 +283,10 @@ impl Client {
 
     pub async fn groups(&self) -> Result<Vec<Group>> {
         self.get("/v1/groups").await
+    }
+
+    pub async fn group(&self, name: &str) -> Result<Group> {
+        self.get(&format!("/v1/groups/{}", segment(name))).await
     }
 
     pub async fn group_create(&self, req: &CreateGroup) -> Result<Group> {
@@ -385,10 +473,7 @@ impl Client {
             .header(reqwest::header::CONNECTION, "upgrade")
             .header(reqwest::header::UPGRADE, "kumo-console");
         let resp = self.send(req).await?;
-        resp.upgrade().await.map_err(|source| Error::Http {
-            url: self.base.clone(),
-            source,
-        })
+        resp.upgrade().await.map_err(|e| self.transport(e))
     }
 
     pub async fn capacity(&self, q: &CapacityQuery) -> Result<CapacityReport> {

@@ -13,6 +13,8 @@ pub mod http;
 pub use app::passes::RebalanceSettings;
 pub use error::Error;
 
+use anyhow::Context;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +25,10 @@ use std::time::Duration;
 pub struct Config {
     /// Holds `state.db`, `admin-token` and the image files, owner-only.
     pub data_dir: PathBuf,
-    pub listen: SocketAddr,
+    /// Addresses to serve the API on, at least one: e.g. a bridge address
+    /// for the agents and 127.0.0.1 for people, so the CLI keeps a
+    /// loopback URL. [`Server::url`] names the first.
+    pub listen: Vec<SocketAddr>,
     /// A host that sent no heartbeat for this long is `down`.
     pub down_after: Duration,
     /// Automatic rebalancing (on by default, conservative).
@@ -36,11 +41,11 @@ pub struct Config {
 pub const DEFAULT_POWER_PERIOD: Duration = Duration::from_secs(30);
 
 impl Config {
-    /// A controller with the default settings.
+    /// A controller serving on `listen` alone, with the default settings.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Config {
         Config {
             data_dir,
-            listen,
+            listen: vec![listen],
             down_after: Duration::from_secs(5),
             rebalance: RebalanceSettings::default(),
             power_period: DEFAULT_POWER_PERIOD,
@@ -50,7 +55,10 @@ impl Config {
 
 /// A running controller.
 pub struct Server {
+    /// The first address served on (with port 0 asked: the port given).
     pub addr: SocketAddr,
+    /// Every address served on, in the order of [`Config::listen`].
+    pub addrs: Vec<SocketAddr>,
     pub admin_token: String,
     pub app: Arc<app::App>,
     task: tokio::task::JoinHandle<()>,
@@ -78,17 +86,37 @@ impl Drop for Server {
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let app = app::App::open(&config).await?;
     background::spawn(&app);
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
+    anyhow::ensure!(!config.listen.is_empty(), "no address to listen on");
+    // Bind every address before serving any, so one that is taken fails
+    // the start instead of leaving a controller half reachable.
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        listeners.push(listener);
+    }
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
     let router = http::router(app.clone());
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        servers.spawn(axum::serve(listener, router.clone()).into_future());
+    }
+    // Aborting this task drops the set, which aborts every server in it.
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %crate::error::Chain(&e), "http server stopped");
+        while let Some(ended) = servers.join_next().await {
+            if let Ok(Err(e)) = ended {
+                tracing::error!(error = %crate::error::Chain(&e), "http server stopped");
+            }
         }
     });
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "kumod serving");
+    tracing::info!(?addrs, data_dir = %config.data_dir.display(), "kumod serving");
     Ok(Server {
-        addr,
+        addr: addrs[0],
+        addrs,
         admin_token: app.admin_token().to_string(),
         app,
         task,

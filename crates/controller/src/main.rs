@@ -10,9 +10,16 @@ struct Args {
     /// Directory for the state database, the admin token and images.
     #[arg(long, env = "KUMOD_DATA_DIR", default_value = "/var/lib/kumod")]
     data_dir: PathBuf,
-    /// Address to serve the API on.
-    #[arg(long, env = "KUMOD_LISTEN", default_value = "127.0.0.1:7370")]
-    listen: SocketAddr,
+    /// Address to serve the API on; repeat it (or separate addresses with
+    /// commas in KUMOD_LISTEN) to serve on several, e.g. a bridge address
+    /// for the agents and 127.0.0.1 for people.
+    #[arg(
+        long,
+        env = "KUMOD_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7370"
+    )]
+    listen: Vec<SocketAddr>,
     /// Seconds without a heartbeat before a host is down.
     #[arg(long, default_value_t = 5.0)]
     down_after: f64,
@@ -69,14 +76,44 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = rebalance.check() {
         anyhow::bail!("--rebalance-{}", e.replace('_', "-"));
     }
+    let Some(&first) = args.listen.first() else {
+        anyhow::bail!("--listen: give at least one address");
+    };
     let server = kumod::start(kumod::Config {
         rebalance,
         power_period: seconds("power-period", args.power_period, 0.1, 86_400.0)?,
         down_after: Duration::from_secs_f64(args.down_after),
-        ..kumod::Config::new(args.data_dir, args.listen)
+        listen: args.listen,
+        ..kumod::Config::new(args.data_dir, first)
     })
     .await?;
-    println!("kumod listening on {}", server.url());
+    let urls: Vec<String> = server.addrs.iter().map(|a| format!("http://{a}")).collect();
+    println!("kumod listening on {}", urls.join(", "));
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_several_addresses() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("kumod").chain(args.iter().copied()))
+                .map(|a| a.listen)
+        };
+        let both: Vec<SocketAddr> = vec![
+            "10.213.0.1:7370".parse().unwrap(),
+            "127.0.0.1:7370".parse().unwrap(),
+        ];
+        let flags = ["--listen", "10.213.0.1:7370", "--listen", "127.0.0.1:7370"];
+        assert_eq!(parse(&flags).unwrap(), both);
+        assert_eq!(
+            parse(&["--listen", "10.213.0.1:7370,127.0.0.1:7370"]).unwrap(),
+            both
+        );
+        assert_eq!(parse(&[]).unwrap(), [both[1]]);
+        assert!(parse(&["--listen", "localhost"]).is_err());
+    }
 }

@@ -200,6 +200,19 @@ impl SimCloud {
         })
     }
 
+    /// A cloud of one zone `z1`, one simulated host `h1` in it, the image
+    /// `tiny` (a blank qcow2) and the VM `web` made from it (created, not
+    /// waited for).
+    pub async fn with_vm() -> Result<SimCloud> {
+        let mut cloud = SimCloud::start(Duration::from_secs(5)).await?;
+        cloud.zone("z1").await?;
+        cloud.host("h1", "z1").await?;
+        let img = blank_image(cloud.dir.path());
+        cloud.client.image_import("tiny", &img).await?;
+        cloud.client.vm_create(&vm_request("web", "tiny")).await?;
+        Ok(cloud)
+    }
+
     pub async fn zone(&self, name: &str) -> Result<()> {
         create_zone(&self.client, name).await
     }
@@ -277,10 +290,41 @@ impl SimCloud {
         .await
     }
 
+    /// Run the `kumo` CLI against this cloud (see [`cli`]).
+    pub async fn cli(&self, args: &[&str]) -> Result<String> {
+        cli(&self.server.url(), &self.server.admin_token, args, "").await
+    }
+
     /// Stop a host's agent (its heartbeats stop).
     pub fn stop_host(&mut self, index: usize) {
         drop(self.agents.remove(index));
     }
+}
+
+/// Run the `kumo` CLI against the controller at `url` with `token` and
+/// `stdin`; fails unless it exits 0 within 120 s, and returns its stdout.
+pub async fn cli(url: &str, token: &str, args: &[&str], stdin: &str) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin("kumo"))
+        .args(args)
+        .env("KUMO_URL", url)
+        .env("KUMO_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut input = child.stdin.take().context("stdin")?;
+    input.write_all(stdin.as_bytes()).await?;
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await??;
+    if !out.status.success() {
+        bail!(
+            "kumo {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Where `cargo build` put the workspace binaries.
@@ -625,28 +669,7 @@ impl RealCloud {
     /// Run the `kumo` CLI against this cloud with `stdin`; fails unless it
     /// exits 0, and returns its stdout.
     pub async fn cli(&self, args: &[&str], stdin: &str) -> Result<String> {
-        use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(bin("kumo"))
-            .args(args)
-            .env("KUMO_URL", &self.url)
-            .env("KUMO_TOKEN", &self.token)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut input = child.stdin.take().context("stdin")?;
-        input.write_all(stdin.as_bytes()).await?;
-        drop(input);
-        let out =
-            tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await??;
-        if !out.status.success() {
-            bail!(
-                "kumo {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
+        cli(&self.url, &self.token, args, stdin).await
     }
 
     /// How many times the tiny guest has come up so far (its console log

@@ -3,24 +3,20 @@
 //! with the field named, nothing changed), the refusals the HTTP framework
 //! produces, and a property-based fuzzer run against the API document.
 
-use kumo_testkit::{blank_image, vm_request, wait_vm, SimCloud};
+use kumo_testkit::{vm_request, wait_vm, SimCloud};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn cloud() -> SimCloud {
-    let mut cloud = SimCloud::start(Duration::from_secs(5)).await.unwrap();
-    cloud.zone("z1").await.unwrap();
-    cloud.host("h1", "z1").await.unwrap();
-    let img = blank_image(cloud.dir.path());
-    cloud.client.image_import("tiny", &img).await.unwrap();
-    // Two VMs, so that the VM list has a second page.
+    let cloud = SimCloud::with_vm().await.unwrap();
+    // A second VM, so that the VM list has a second page.
+    cloud
+        .client
+        .vm_create(&vm_request("web2", "tiny"))
+        .await
+        .unwrap();
     for name in ["web", "web2"] {
-        cloud
-            .client
-            .vm_create(&vm_request(name, "tiny"))
-            .await
-            .unwrap();
         wait_vm(
             &cloud.client,
             name,
