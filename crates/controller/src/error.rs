@@ -10,6 +10,9 @@ pub enum Error {
     Api(#[from] ApiError),
     #[error("state store")]
     Store(#[from] kumo_store::Error),
+    /// A change the scheduler's allocation ledger refused (a bug).
+    #[error("allocation ledger")]
+    Ledger(#[from] crate::app::inventory::LedgerRefusal),
     /// qemu-img could not judge an image (not the image's fault).
     #[error("inspecting the image")]
     Inspect(#[source] kumo_image::Error),

@@ -7,38 +7,13 @@
 //! and see the same cloud.
 
 use kumo_api::{EventQuery, HostState, MigrationPhase, MigrationReason, VmState};
-use kumo_store::{Op, SqliteStore, Store};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+mod support;
 
-async fn load_fixture() -> (tempfile::TempDir, Arc<kumod::app::App>) {
-    let text = include_str!("fixtures/state-v0.json");
-    let records: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(text).expect("fixture is JSON");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data_dir = dir.path().join("controller");
-    kumo_private_fs::create_dir(&data_dir).expect("data dir");
-    {
-        let store = SqliteStore::open(&data_dir.join("state.db")).expect("store");
-        let ops = records
-            .iter()
-            .map(|(key, value)| Op::Put {
-                key: key.clone(),
-                value: serde_json::to_vec(value).expect("value"),
-            })
-            .collect();
-        store.txn(Vec::new(), ops, Vec::new()).await.expect("txn");
-    }
-    let config = kumod::Config::new(data_dir, "127.0.0.1:0".parse().expect("addr"));
-    let app = kumod::app::App::open(&config)
-        .await
-        .expect("the old state loads");
-    (dir, app)
-}
+use std::collections::BTreeMap;
 
 #[tokio::test]
 async fn the_previous_releases_state_file_loads() {
-    let (_dir, app) = load_fixture().await;
+    let (_dir, app) = support::load_fixture(|_| {}).await;
 
     let hosts: BTreeMap<String, kumo_api::Host> = app
         .host_list(&Default::default())
@@ -106,4 +81,25 @@ async fn the_previous_releases_state_file_loads() {
         events.last().map(|e| e.kind.as_str()),
         Some("vm.migration.started")
     );
+}
+
+/// A host record written by this release says its version; one the
+/// previous release wrote (no version) stays as it was until written again.
+#[tokio::test]
+async fn host_records_are_written_with_their_version() {
+    let (dir, app) = support::load_fixture(|_| {}).await;
+    app.host_set_enabled("h2", false).await.expect("disable");
+    drop(app);
+    let store =
+        kumo_store::SqliteStore::open(&dir.path().join("controller/state.db")).expect("store");
+    let version = |kv: &[kumo_store::KeyValue]| {
+        let rec: serde_json::Value = serde_json::from_slice(&kv[0].value).expect("JSON");
+        rec.get("version").and_then(serde_json::Value::as_u64)
+    };
+    use kumo_store::Store;
+    assert_eq!(
+        version(&store.range("hosts/h2").await.expect("h2")),
+        Some(1)
+    );
+    assert_eq!(version(&store.range("hosts/h3").await.expect("h3")), None);
 }

@@ -766,6 +766,21 @@ impl Cluster {
         self.hosts[e.host].as_ref().map(|h| h.info.name.as_str())
     }
 
+    /// What a host holds, the one count of it kumo keeps: the summed size
+    /// of the VMs placed on it and of the room reserved on it (for VMs
+    /// migrating in; their dedicated cores count as vCPUs), and how many
+    /// entries that is. `None` for an unknown host.
+    pub fn allocated(&self, host: &str) -> Option<(Resources, u32)> {
+        let h = self.hosts[*self.by_name.get(host)?].as_ref()?;
+        let vcpus = h.shared_vcpus + u64::from(h.dedicated_count);
+        let size = Resources {
+            vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+            memory_mib: h.memory_mib,
+            disk_gib: h.disk_gib,
+        };
+        Some((size, h.vm_count))
+    }
+
     /// How many VMs are placed on a host (0 for an unknown one).
     pub fn vm_count(&self, host: &str) -> usize {
         self.by_name.get(host).map_or(0, |&i| self.vm_count_at(i))
@@ -977,6 +992,31 @@ mod tests {
             schedulable: true,
             load: 0.0,
         }
+    }
+
+    /// What a host holds counts shared and dedicated VMs and reservations
+    /// alike, and gives back what a released one held.
+    #[test]
+    fn allocated_sums_what_a_host_holds() {
+        let mut c = Cluster::default();
+        c.upsert_host(host("a", "z", 8, 8192));
+        assert_eq!(c.allocated("a"), Some((Resources::default(), 0)));
+        assert_eq!(c.allocated("nope"), None);
+        c.add("shared", "a", res(2, 1024, 10), Vec::new(), Vec::new())
+            .expect("fits");
+        c.add("dedicated", "a", res(2, 512, 5), vec![0, 1], Vec::new())
+            .expect("fits");
+        c.add(
+            "moving (reserved)",
+            "a",
+            res(1, 256, 1),
+            Vec::new(),
+            Vec::new(),
+        )
+        .expect("fits");
+        assert_eq!(c.allocated("a"), Some((res(5, 1792, 16), 3)));
+        c.release("dedicated");
+        assert_eq!(c.allocated("a"), Some((res(3, 1280, 11), 2)));
     }
 
     fn req(vcpus: u32, memory_mib: u64) -> Request {

@@ -10,7 +10,7 @@
 //! of the scheduler's state and moves nothing.
 
 use super::migrations::{movable, move_request};
-use super::records::{host_key, HostMode, HostRecord};
+use super::records::{HostMode, HostRecord};
 use super::{lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -136,7 +136,6 @@ impl App {
             return Ok(plan);
         }
         let mut batch = Batch::default();
-        let mut recs = Vec::new();
         for h in &hosts {
             let rec = &inv.hosts[h].rec;
             if rec.mode == HostMode::Draining {
@@ -148,20 +147,16 @@ impl App {
                 welcome_back: false,
                 ..rec.clone()
             };
-            batch.put(host_key(h), &rec);
-            let (_, count) = inv.allocated(rec.id);
+            batch.put_host(rec.clone());
+            let (_, count) = inv.allocated(&rec.name);
             batch.event(
                 "host.draining",
                 format!("host/{h}"),
                 &rec.project,
                 format!("{scope} drains: {count} VM(s) to move away"),
             );
-            recs.push(rec);
         }
         self.commit(&mut inv, batch).await?;
-        for rec in recs {
-            inv.set_host_record(rec);
-        }
         Ok(plan)
     }
 
@@ -212,7 +207,6 @@ impl App {
     async fn undrain(&self, hosts: Vec<String>, return_vms: bool) -> Result<Vec<Host>> {
         let mut inv = self.inv.write().await;
         let mut batch = Batch::default();
-        let mut recs = Vec::new();
         for h in &hosts {
             let rec = lookup(&inv.hosts, "host", h)?.rec.clone();
             if !matches!(rec.mode, HostMode::Draining | HostMode::Maintenance) {
@@ -228,7 +222,7 @@ impl App {
                 welcome_back: return_vms,
                 ..rec
             };
-            batch.put(host_key(h), &rec);
+            batch.put_host(rec.clone());
             let back = inv
                 .vms()
                 .values()
@@ -244,12 +238,8 @@ impl App {
                     "host takes VMs again".into()
                 },
             );
-            recs.push(rec);
         }
         self.commit(&mut inv, batch).await?;
-        for rec in recs {
-            inv.set_host_record(rec);
-        }
         Ok(hosts.iter().map(|h| inv.host_view(&inv.hosts[h])).collect())
     }
 
@@ -294,7 +284,7 @@ impl App {
         for h in inv.hosts.values() {
             match h.rec.mode {
                 HostMode::Draining => {
-                    let (_, count) = inv.allocated(h.rec.id);
+                    let (_, count) = inv.allocated(&h.rec.name);
                     if count == 0 {
                         finished.push(h.rec.name.clone());
                     }
@@ -363,9 +353,8 @@ impl App {
                 ..inv.hosts[&name].rec.clone()
             };
             let mut batch = Batch::default();
-            batch.put(host_key(&name), &rec);
+            batch.put_host(rec.clone());
             self.commit(&mut inv, batch).await?;
-            inv.set_host_record(rec);
         }
         Ok(())
     }
@@ -377,7 +366,7 @@ impl App {
             ..inv.hosts[name].rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(host_key(name), &rec);
+        batch.put_host(rec.clone());
         batch.event(
             "host.drained",
             format!("host/{name}"),
@@ -391,7 +380,6 @@ impl App {
             ),
         );
         self.commit(inv, batch).await?;
-        inv.set_host_record(rec);
         Ok(())
     }
 }

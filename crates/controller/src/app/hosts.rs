@@ -10,7 +10,7 @@
 //! controller itself was away.
 
 use super::pages::{List, Pager};
-use super::records::{host_key, HostMode, HostRecord};
+use super::records::{host_key, HostMode, HostRecord, HOST_RECORD_VERSION};
 use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -27,7 +27,7 @@ pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
 
 impl Inventory {
     pub fn host_view(&self, h: &HostEntry) -> Host {
-        let (allocated, vm_count) = self.allocated(h.rec.id);
+        let (allocated, vm_count) = self.allocated(&h.rec.name);
         Host {
             id: h.rec.id,
             name: h.rec.name.clone(),
@@ -202,6 +202,7 @@ impl App {
             }
         }
         let rec = HostRecord {
+            version: HOST_RECORD_VERSION,
             id: existing.as_ref().map_or_else(Uuid::new_v4, |o| o.id),
             name: req.name.clone(),
             project: DEFAULT_PROJECT.to_string(),
@@ -229,7 +230,7 @@ impl App {
             created_at: existing.as_ref().map_or_else(now_ms, |o| o.created_at),
         };
         let mut batch = Batch::default();
-        batch.put(host_key(&rec.name), &rec);
+        batch.put_host(rec.clone());
         let (kind, what) = if existing.is_some() {
             ("host.rejoined", "rejoined")
         } else {
@@ -255,20 +256,8 @@ impl App {
         }
         inv.host_tokens
             .insert(rec.token_sha256.clone(), rec.name.clone());
-        let host_id = rec.id;
-        let generation = rec.generation;
-        let req_name = rec.name.clone();
-        match inv.hosts.get_mut(&rec.name) {
-            Some(entry) => entry.rec = rec,
-            None => {
-                inv.hosts.insert(rec.name.clone(), HostEntry::new(rec));
-            }
-        }
-        inv.sync_host(&req_name);
-        drop(inv);
-        self.publish_generation(host_id, generation);
         Ok(RegisterHostResponse {
-            host_id,
+            host_id: rec.id,
             host_token: token,
         })
     }
@@ -354,10 +343,9 @@ impl App {
         let mut rec = lookup(&inv.hosts, "host", name)?.rec.clone();
         if let Some((kind, msg)) = change(&mut rec) {
             let mut batch = Batch::default();
-            batch.put(host_key(name), &rec);
+            batch.put_host(rec.clone());
             batch.event(kind, format!("host/{name}"), &rec.project, msg);
             self.commit(&mut inv, batch).await?;
-            inv.set_host_record(rec);
         }
         let h = lookup(&inv.hosts, "host", name)?;
         Ok(inv.host_view(h))
@@ -366,7 +354,7 @@ impl App {
     pub async fn host_delete(&self, name: &str) -> Result<()> {
         let mut inv = self.inv.write().await;
         let rec = lookup(&inv.hosts, "host", name)?.rec.clone();
-        let (_, count) = inv.allocated(rec.id);
+        let (_, count) = inv.allocated(&rec.name);
         if count > 0 {
             return Err(ApiError::new(
                 ErrorCode::Conflict,

@@ -5,7 +5,7 @@
 //! them.
 
 use super::migrations::{abort, result, storage_name, PREPARE_TIMEOUT};
-use super::records::{vm_key, vm_record, HostMode, HostRecord};
+use super::records::{HostMode, HostRecord};
 use super::vms::derive_state;
 use super::{bump_generation, lookup, now_ms, App, Batch, HostLive, Inventory};
 use crate::error::Result;
@@ -17,24 +17,24 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 use uuid::Uuid;
 
-/// Work out what a heartbeat changes: VMs whose state moved (to store),
-/// deleted VMs the host confirms gone (to remove), and hosts whose desired
-/// state changed with them.
+/// What a heartbeat changed so far: how many VMs it put into the batch,
+/// and the hosts whose desired state changed with them.
 #[derive(Default)]
-pub(super) struct Reported {
-    pub changed: Vec<Vm>,
-    pub removed: Vec<String>,
-    pub bump: BTreeSet<Uuid>,
-    pub hosts: Vec<HostRecord>,
+struct Reported {
+    changed: usize,
+    bump: BTreeSet<Uuid>,
 }
 
-pub(super) fn reconcile_reported(
+/// Put into the batch what a heartbeat changes: VMs whose state moved,
+/// deleted VMs the host confirms gone, and the hosts whose desired state
+/// changed with them.
+fn reconcile_reported(
     inv: &Inventory,
     host: &HostRecord,
     applied: u64,
     statuses: &[VmStatus],
     batch: &mut Batch,
-) -> Reported {
+) {
     // The host runs what we last asked for. (An agent ahead of us applied
     // the state of a removed host of the same name: not caught up.)
     let caught_up = applied == host.generation;
@@ -53,22 +53,21 @@ pub(super) fn reconcile_reported(
     for vm in inv.vms_on(host.id) {
         let status = statuses.get(&vm.id).copied();
         if vm.migration.is_some() || vm.last_migration.is_some() {
-            let before = out.changed.len();
+            let before = out.changed;
             step(inv, vm, host.id, status, &mut out, batch);
-            if out.changed.len() > before {
+            if out.changed > before {
                 continue;
             }
         }
         if vm.state == VmState::Deleting {
             if caught_up && status.is_none() {
-                batch.delete(vm_key(&vm.name));
+                batch.remove_vm(&vm.name);
                 batch.event(
                     "vm.deleted",
                     format!("vm/{}", vm.name),
                     &vm.project,
                     format!("deleted from host {}", host.name),
                 );
-                out.removed.push(vm.name.clone());
             }
             continue;
         }
@@ -98,48 +97,20 @@ pub(super) fn reconcile_reported(
                 &vm.project,
                 detail,
             );
-            batch.put(vm_key(&vm.name), &vm_record(&next));
-            out.changed.push(next);
+            batch.put_vm(next);
+            out.changed += 1;
         }
     }
-    for id in std::mem::take(&mut out.bump) {
-        match bump_generation(inv, id, batch) {
-            Ok(rec) => out.hosts.push(rec),
-            Err(e) => {
-                tracing::error!(error = %crate::error::Chain(&e), "bumping a host's generation")
-            }
-        }
-    }
-    out
-}
-
-impl App {
-    pub(super) fn apply_reported(
-        &self,
-        inv: &mut Inventory,
-        host: &str,
-        statuses: &[VmStatus],
-        reported: Reported,
-    ) {
-        for vm in reported.changed {
-            inv.put_vm(vm);
-        }
-        for name in reported.removed {
-            inv.remove_vm(&name);
-        }
-        for s in statuses {
-            inv.set_cpu_percent(s.id, s.cpu_percent);
-        }
-        record_progress(inv, host, statuses);
-        for rec in reported.hosts {
-            self.install_host(inv, rec);
+    for id in out.bump {
+        if let Err(e) = bump_generation(inv, id, batch) {
+            tracing::error!(error = %crate::error::Chain(&e), "bumping a host's generation");
         }
     }
 }
 
 /// VMs on a host that just went down become `unknown`.
-pub(super) fn mark_unknown(inv: &Inventory, host: &HostRecord, batch: &mut Batch) -> Vec<Vm> {
-    let mut changed = Vec::new();
+fn mark_unknown(inv: &Inventory, host: &HostRecord, batch: &mut Batch) {
+    let mut changed = 0;
     for vm in inv.vms_on(host.id).filter(|v| v.state != VmState::Deleting) {
         let next = Vm {
             state: VmState::Unknown,
@@ -147,22 +118,20 @@ pub(super) fn mark_unknown(inv: &Inventory, host: &HostRecord, batch: &mut Batch
             cpu_percent: None,
             ..vm.clone()
         };
-        batch.put(vm_key(&vm.name), &next);
-        changed.push(next);
+        batch.put_vm(next);
+        changed += 1;
     }
-    if !changed.is_empty() {
+    if changed > 0 {
         batch.event(
             "vm.unknown",
             format!("host/{}", host.name),
             &host.project,
             format!(
                 "{} VM(s) on host {} are unknown while it is down",
-                changed.len(),
-                host.name
+                changed, host.name
             ),
         );
     }
-    changed
 }
 
 /// What one report means for a migration.
@@ -241,7 +210,7 @@ fn next_step(
 }
 
 /// Apply what a host reports about a VM it sends or receives.
-pub(super) fn step(
+fn step(
     inv: &Inventory,
     vm: &Vm,
     host: Uuid,
@@ -296,8 +265,8 @@ pub(super) fn step(
         }
         Step::Aborted { outcome, message } => abort(vm, m, outcome, message, &mut out.bump, batch),
     };
-    batch.put(vm_key(&vm.name), &vm_record(&next));
-    out.changed.push(next);
+    batch.put_vm(next);
+    out.changed += 1;
 }
 
 /// After the switch-over the target keeps reporting when its guest resumed;
@@ -339,8 +308,8 @@ fn fill_downtime(
             result.target
         ),
     );
-    batch.put(vm_key(&vm.name), &vm_record(&next));
-    out.changed.push(next);
+    batch.put_vm(next);
+    out.changed += 1;
 }
 
 fn complete(inv: &Inventory, vm: &Vm, m: &Migration, out: &mut Reported, batch: &mut Batch) -> Vm {
@@ -429,9 +398,12 @@ impl App {
             );
         }
         let applied = hb.applied_generation;
-        let reported = reconcile_reported(&inv, &entry.rec, applied, &hb.vms, &mut batch);
+        reconcile_reported(&inv, &entry.rec, applied, &hb.vms, &mut batch);
         self.commit(&mut inv, batch).await?;
-        self.apply_reported(&mut inv, host, &hb.vms, reported);
+        for s in &hb.vms {
+            inv.set_cpu_percent(s.id, s.cpu_percent);
+        }
+        record_progress(&mut inv, host, &hb.vms);
         let e = inv.hosts.get_mut(host).expect("host looked up above");
         let hot = f64::from(hb.load.cpu_percent) > self.rebalance.threshold;
         e.live = HostLive {
@@ -487,11 +459,8 @@ impl App {
                     entry.live.last_seen.elapsed().as_secs_f32()
                 ),
             );
-            let changed = mark_unknown(&inv, &entry.rec, &mut batch);
+            mark_unknown(&inv, &entry.rec, &mut batch);
             self.commit(&mut inv, batch).await?;
-            for vm in changed {
-                inv.put_vm(vm);
-            }
             inv.hosts.get_mut(&name).expect("present").live.down = true;
             inv.sync_host(&name);
         }

@@ -44,12 +44,13 @@ pub struct Inventory {
 /// How many of the newest events the API serves.
 pub const RECENT_EVENTS: usize = 10_000;
 
+/// A host's VMs by name: an index only; what they hold is counted by the
+/// scheduler's cluster alone ([`Inventory::allocated`]).
 #[derive(Debug, Default)]
 pub struct Placed {
     names: BTreeSet<String>,
     /// VMs migrating to the host (their room is reserved here too).
     incoming: BTreeSet<String>,
-    allocated: Resources,
 }
 
 /// The scheduler's key for the room a migrating VM holds on its target.
@@ -57,42 +58,75 @@ pub fn migration_key(vm: &str) -> String {
     format!("{vm} (migrating)")
 }
 
+/// A VM the scheduler's cluster (the allocation ledger) cannot take as
+/// recorded: its host is unknown to it, or a core it names is taken. A
+/// bug or a corrupt record, never a user's mistake; the change that
+/// carried it is refused whole.
+#[derive(Debug, thiserror::Error)]
+#[error("the allocation ledger refuses VM {vm}: {reason}")]
+pub struct LedgerRefusal {
+    pub vm: String,
+    /// The scheduler's words.
+    pub reason: String,
+}
+
 impl Inventory {
     pub fn vms(&self) -> &BTreeMap<String, Vm> {
         &self.vms
     }
 
-    pub fn put_vm(&mut self, vm: Vm) {
-        self.remove_vm(&vm.name);
-        if let Err(e) = self.cluster.add(
-            &vm.name,
-            &vm.host,
-            vm.size,
-            vm.cores.clone(),
-            vm.groups.clone(),
-        ) {
-            tracing::error!(vm = %vm.name, error = %e, "VM does not fit the scheduler's view of its host");
+    /// Install a VM as recorded (replacing the VM of its name): the
+    /// scheduler's cluster takes what it holds on its host and, while it
+    /// migrates, the room reserved on the target. If the cluster refuses,
+    /// nothing changes and the refusal is returned.
+    pub fn put_vm(&mut self, vm: Vm) -> Result<(), LedgerRefusal> {
+        let previous = self.remove_vm(&vm.name);
+        if let Err(refusal) = self.insert_vm(vm) {
+            if let Some(p) = previous {
+                // It was there a moment ago, as it is now: it fits again.
+                self.insert_vm(p)
+                    .expect("a VM just removed fits where it was");
+            }
+            return Err(refusal);
         }
-        let placed = self.placed.entry(vm.host_id).or_default();
-        placed.names.insert(vm.name.clone());
-        placed.allocated = placed.allocated.add(&vm.size);
+        Ok(())
+    }
+
+    fn insert_vm(&mut self, vm: Vm) -> Result<(), LedgerRefusal> {
+        let refusal = |reason: String| LedgerRefusal {
+            vm: vm.name.clone(),
+            reason,
+        };
+        self.cluster
+            .add(
+                &vm.name,
+                &vm.host,
+                vm.size,
+                vm.cores.clone(),
+                vm.groups.clone(),
+            )
+            .map_err(refusal)?;
         if let Some(m) = &vm.migration {
-            if let Err(e) = self.cluster.add(
+            let added = self.cluster.add(
                 &migration_key(&vm.name),
                 &m.target,
                 vm.size,
                 m.target_cores.clone(),
                 vm.groups.clone(),
-            ) {
-                tracing::error!(vm = %vm.name, error = %e, "migration reservation does not fit its target");
+            );
+            if let Err(e) = added {
+                self.cluster.release(&vm.name);
+                return Err(refusal(format!("its migration's reservation: {e}")));
             }
             let target = self.placed.entry(m.target_id).or_default();
             target.incoming.insert(vm.name.clone());
-            target.allocated = target.allocated.add(&vm.size);
             self.migrating.insert(vm.name.clone());
         }
+        let placed = self.placed.entry(vm.host_id).or_default();
+        placed.names.insert(vm.name.clone());
         self.vm_names.insert(vm.id, vm.name.clone());
         self.vms.insert(vm.name.clone(), vm);
+        Ok(())
     }
 
     pub fn remove_vm(&mut self, name: &str) -> Option<Vm> {
@@ -100,18 +134,56 @@ impl Inventory {
         self.cluster.release(name);
         if let Some(placed) = self.placed.get_mut(&vm.host_id) {
             placed.names.remove(name);
-            placed.allocated = placed.allocated.saturating_sub(&vm.size);
         }
         if let Some(m) = &vm.migration {
             self.migrating.remove(name);
             self.cluster.release(&migration_key(name));
             if let Some(target) = self.placed.get_mut(&m.target_id) {
                 target.incoming.remove(name);
-                target.allocated = target.allocated.saturating_sub(&vm.size);
             }
         }
         self.vm_names.remove(&vm.id);
         Some(vm)
+    }
+
+    /// Apply a batch's VM changes in order; if the ledger refuses one,
+    /// undo those applied and return the refusal (nothing changed).
+    pub(super) fn apply_vm_changes(
+        &mut self,
+        changes: Vec<VmChange>,
+    ) -> Result<Vec<(String, Option<Vm>)>, LedgerRefusal> {
+        let mut undo = Vec::with_capacity(changes.len());
+        for change in changes {
+            let (name, applied) = match change {
+                VmChange::Put(vm) => {
+                    let name = vm.name.clone();
+                    let previous = self.vms.get(&name).cloned();
+                    (name, self.put_vm(*vm).map(|()| previous))
+                }
+                VmChange::Remove(name) => {
+                    let previous = self.remove_vm(&name);
+                    (name, Ok(previous))
+                }
+            };
+            match applied {
+                Ok(previous) => undo.push((name, previous)),
+                Err(refusal) => {
+                    self.undo_vm_changes(undo);
+                    return Err(refusal);
+                }
+            }
+        }
+        Ok(undo)
+    }
+
+    /// Put back the VMs as they were before [`Inventory::apply_vm_changes`].
+    pub(super) fn undo_vm_changes(&mut self, undo: Vec<(String, Option<Vm>)>) {
+        for (name, previous) in undo.into_iter().rev() {
+            self.remove_vm(&name);
+            if let Some(p) = previous {
+                self.insert_vm(p).expect("a VM fits where it was");
+            }
+        }
     }
 
     /// The VMs placed on a host.
@@ -137,14 +209,12 @@ impl Inventory {
             .filter_map(|name| self.vms.get(name))
     }
 
-    /// Sum of the sizes of the VMs on a host (and migrating to it), and how
-    /// many there are.
-    pub fn allocated(&self, host: Uuid) -> (Resources, u32) {
-        self.placed
-            .get(&host)
-            .map_or((Resources::default(), 0), |p| {
-                (p.allocated, (p.names.len() + p.incoming.len()) as u32)
-            })
+    /// What a host holds (the VMs on it and the room reserved for VMs
+    /// migrating to it), and how many, as the scheduler's cluster counts it.
+    pub fn allocated(&self, host: &str) -> (Resources, u32) {
+        self.cluster
+            .allocated(host)
+            .unwrap_or((Resources::default(), 0))
     }
 
     /// Record a guest's measured CPU use (kept in memory only).
@@ -166,7 +236,7 @@ impl Inventory {
     }
 
     /// Tell the scheduler what is now known of a host (or that it is gone).
-    pub fn sync_host(&mut self, name: &str) {
+    pub(super) fn sync_host(&mut self, name: &str) {
         match self.hosts.get(name) {
             Some(h) => self.cluster.upsert_host(h.sched_info()),
             None => {
@@ -177,10 +247,18 @@ impl Inventory {
         }
     }
 
-    /// Install a host's record as committed, and tell the scheduler.
-    pub fn set_host_record(&mut self, rec: HostRecord) {
+    /// Install a host's record as committed (a new host, or a new version
+    /// of one), and tell the scheduler. The one way a host record enters
+    /// the inventory; [`super::App::commit`] calls it for every record a
+    /// batch puts.
+    pub(super) fn install_host(&mut self, rec: HostRecord) {
         let name = rec.name.clone();
-        self.hosts.get_mut(&name).expect("host present").rec = rec;
+        match self.hosts.get_mut(&name) {
+            Some(entry) => entry.rec = rec,
+            None => {
+                self.hosts.insert(name.clone(), HostEntry::new(rec));
+            }
+        }
         self.sync_host(&name);
     }
 
@@ -189,15 +267,47 @@ impl Inventory {
     }
 }
 
-/// A set of store writes and events that commit together.
+/// A change to the inventory's VMs a batch carries.
+pub(super) enum VmChange {
+    Put(Box<Vm>),
+    Remove(String),
+}
+
+/// A set of store writes and events that commit together, with the
+/// inventory changes they stand for ([`super::App::commit`]).
 #[derive(Default)]
 pub struct Batch {
     pub(super) ops: Vec<Op>,
     /// Numbered and timed at commit.
     pub(super) events: Vec<Event>,
+    /// Applied to the inventory before the store commit (a refusal stops
+    /// it), undone if the store refuses.
+    pub(super) vms: Vec<VmChange>,
+    /// Installed once the store took the batch.
+    pub(super) hosts: Vec<HostRecord>,
 }
 
 impl Batch {
+    /// Store a VM and install it in the inventory.
+    pub fn put_vm(&mut self, vm: Vm) {
+        self.put(records::vm_key(&vm.name), &records::VmRecord::from_vm(&vm));
+        self.vms.push(VmChange::Put(Box::new(vm)));
+    }
+
+    /// Delete a VM from the store and the inventory.
+    pub fn remove_vm(&mut self, name: &str) {
+        self.delete(records::vm_key(name));
+        self.vms.push(VmChange::Remove(name.to_string()));
+    }
+
+    /// Store a host's record and install it in the inventory
+    /// ([`Inventory::install_host`]).
+    pub fn put_host(&mut self, mut rec: HostRecord) {
+        rec.version = records::HOST_RECORD_VERSION;
+        self.put(records::host_key(&rec.name), &rec);
+        self.hosts.push(rec);
+    }
+
     pub fn put<T: Serialize>(&mut self, key: String, value: &T) {
         let value = serde_json::to_vec(value).expect("records serialize");
         self.ops.push(Op::Put { key, value });
@@ -317,9 +427,7 @@ pub(super) async fn load(store: &dyn Store) -> anyhow::Result<Inventory> {
         let rec: HostRecord = decode(&kv)?;
         inv.host_tokens
             .insert(rec.token_sha256.clone(), rec.name.clone());
-        let name = rec.name.clone();
-        inv.hosts.insert(name.clone(), HostEntry::new(rec));
-        inv.sync_host(&name);
+        inv.install_host(rec);
     }
     for kv in store.range(records::IMAGES).await? {
         let i: Image = decode(&kv)?;
@@ -330,12 +438,10 @@ pub(super) async fn load(store: &dyn Store) -> anyhow::Result<Inventory> {
         inv.groups.insert(g.name.clone(), g);
     }
     for kv in store.range(records::VMS).await? {
-        let vm =
-            records::decode_vm(&kv.value).map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
-        inv.put_vm(Vm {
-            cpu_percent: None,
-            ..vm
-        });
+        let rec = records::VmRecord::decode(&kv.value)
+            .map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
+        inv.put_vm(rec.into_vm())
+            .map_err(|e| anyhow::anyhow!("record {}: {e}", kv.key))?;
     }
     for kv in store.range(records::JOIN_TOKENS).await? {
         let t: TokenRecord = decode(&kv)?;
@@ -361,20 +467,15 @@ impl Inventory {
 }
 
 /// The VM's host record with its generation bumped, put into the batch.
-pub(crate) fn bump_generation(
-    inv: &Inventory,
-    host_id: Uuid,
-    batch: &mut Batch,
-) -> Result<HostRecord> {
+pub(crate) fn bump_generation(inv: &Inventory, host_id: Uuid, batch: &mut Batch) -> Result<()> {
     let entry = inv.host_by_id(host_id).ok_or_else(|| {
         crate::Error::internal(format!("VM host {host_id} missing from inventory"))
     })?;
-    let rec = HostRecord {
+    batch.put_host(HostRecord {
         generation: entry.rec.generation + 1,
         ..entry.rec.clone()
-    };
-    batch.put(records::host_key(&rec.name), &rec);
-    Ok(rec)
+    });
+    Ok(())
 }
 
 /// A resource by the name in the request's path, or a `not_found` error

@@ -25,7 +25,6 @@
 //! on with a transfer by itself, agents re-attach and report again, and the
 //! step taken next depends only on the stored phase and the reports.
 
-use super::records::{vm_key, vm_record};
 use super::{bump_generation, lookup, migration_key, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -254,14 +253,11 @@ impl App {
             next.state = VmState::Migrating;
         }
         let mut batch = Batch::default();
-        batch.put(vm_key(name), &vm_record(&next));
-        let rec = match bump_generation(inv, target.id, &mut batch) {
-            Ok(rec) => rec,
-            Err(e) => {
-                release(inv);
-                return Err(e);
-            }
-        };
+        batch.put_vm(next.clone());
+        if let Err(e) = bump_generation(inv, target.id, &mut batch) {
+            release(inv);
+            return Err(e);
+        }
         batch.migration_event(
             "vm.migration.started",
             &vm,
@@ -273,13 +269,11 @@ impl App {
                 storage_name(storage)
             ),
         );
+        // The commit's put_vm takes the reservation over under the same key.
         if let Err(e) = self.commit(inv, batch).await {
             release(inv);
             return Err(e);
         }
-        // put_vm takes the reservation over under the same key.
-        inv.put_vm(next.clone());
-        self.install_host(inv, rec);
         Ok(next)
     }
 
@@ -325,16 +319,11 @@ impl App {
             }
             MigrationPhase::Cancelling => return Ok(vm),
         };
-        batch.put(vm_key(name), &vm_record(&next));
-        let recs = bump
-            .iter()
-            .map(|id| bump_generation(&inv, *id, &mut batch))
-            .collect::<Result<Vec<_>>>()?;
-        self.commit(&mut inv, batch).await?;
-        inv.put_vm(next.clone());
-        for rec in recs {
-            self.install_host(&mut inv, rec);
+        batch.put_vm(next.clone());
+        for id in bump {
+            bump_generation(&inv, id, &mut batch)?;
         }
+        self.commit(&mut inv, batch).await?;
         Ok(next)
     }
 
@@ -377,17 +366,13 @@ impl App {
                 &mut bump,
                 &mut batch,
             );
-            batch.put(vm_key(&vm.name), &vm_record(&next));
-            let recs = bump
-                .iter()
-                .filter(|id| inv.host_by_id(**id).is_some())
-                .map(|id| bump_generation(&inv, *id, &mut batch))
-                .collect::<Result<Vec<_>>>()?;
-            self.commit(&mut inv, batch).await?;
-            inv.put_vm(next);
-            for rec in recs {
-                self.install_host(&mut inv, rec);
+            batch.put_vm(next);
+            for id in bump {
+                if inv.host_by_id(id).is_some() {
+                    bump_generation(&inv, id, &mut batch)?;
+                }
             }
+            self.commit(&mut inv, batch).await?;
         }
         Ok(())
     }

@@ -135,8 +135,14 @@ impl App {
         }
     }
 
-    /// Commit a batch: events get their sequence numbers here, and the
-    /// inventory's event counter moves only if the store took the batch.
+    /// Commit a batch, the one path by which changes enter the store and
+    /// the inventory together. The batch's VM changes are applied to the
+    /// inventory first: if the scheduler's cluster (the allocation ledger)
+    /// refuses one, nothing is written and the error is returned. Then the
+    /// store transaction; if it fails, the VM changes are undone. Then the
+    /// host records are installed and their generations published. Events
+    /// get their sequence numbers here, and the inventory's event counter
+    /// moves only if the store took the batch.
     pub(crate) async fn commit(&self, inv: &mut Inventory, mut batch: Batch) -> Result<Vec<Event>> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -152,10 +158,21 @@ impl App {
             })
             .collect();
         for e in &events {
-            tracing::info!(kind = %e.kind, resource = %e.resource, "{}", e.message);
             batch.put(records::event_key(e.seq), e);
         }
-        self.store.txn(Vec::new(), batch.ops, Vec::new()).await?;
+        let undo = inv.apply_vm_changes(std::mem::take(&mut batch.vms))?;
+        if let Err(e) = self.store.txn(Vec::new(), batch.ops, Vec::new()).await {
+            inv.undo_vm_changes(undo);
+            return Err(e.into());
+        }
+        for e in &events {
+            tracing::info!(kind = %e.kind, resource = %e.resource, "{}", e.message);
+        }
+        for rec in batch.hosts {
+            let (id, generation) = (rec.id, rec.generation);
+            inv.install_host(rec);
+            self.publish_generation(id, generation);
+        }
         inv.last_event = seq;
         for e in &events {
             if inv.recent_events.len() == RECENT_EVENTS {
@@ -167,13 +184,6 @@ impl App {
             self.event_committed.send_replace(seq);
         }
         Ok(events)
-    }
-
-    pub(crate) fn install_host(&self, inv: &mut Inventory, rec: HostRecord) {
-        let (id, generation) = (rec.id, rec.generation);
-        let name = rec.name.clone();
-        inv.hosts.get_mut(&name).expect("host present").rec = rec;
-        self.publish_generation(id, generation);
     }
 
     pub(crate) fn publish_generation(&self, host: Uuid, generation: u64) {
@@ -213,5 +223,36 @@ fn remove_orphan_images(dir: &Path, inv: &Inventory) {
             tracing::info!(file = %name, "removing an image file no image owns");
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM the allocation ledger refuses aborts the whole change: nothing
+    /// reaches the store or the inventory, events included.
+    #[tokio::test]
+    async fn a_refused_vm_aborts_the_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::new(dir.path().join("c"), "127.0.0.1:0".parse().expect("addr"));
+        let app = App::open(&config).await.expect("open");
+        let vm: kumo_api::Vm = serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(), "name": "a", "project": "default", "image": "tiny",
+            "image_id": Uuid::nil(), "size": {"vcpus": 1, "memory_mib": 256, "disk_gib": 1},
+            "zone": "z1", "host": "nowhere", "host_id": Uuid::nil(), "state": "running",
+            "power": "running", "reboots": 0, "cpu_policy": "shared", "created_at": 0,
+        }))
+        .expect("VM");
+        let mut inv = app.inv.write().await;
+        let mut batch = Batch::default();
+        batch.put_vm(vm);
+        batch.event("vm.created", "vm/a".into(), "default", "placed".into());
+        let err = app.commit(&mut inv, batch).await.expect_err("refused");
+        assert!(matches!(err, crate::Error::Ledger(_)), "{err}");
+        assert!(inv.vms().is_empty());
+        assert_eq!(inv.last_event, 0);
+        assert!(inv.recent_events.is_empty());
+        assert!(app.store.range("").await.expect("range").is_empty());
     }
 }

@@ -40,7 +40,7 @@
 //! `$KUMO_ADDRESS`). Their output is logged.
 
 use super::passes::PowerMemory;
-use super::records::{host_key, zone_key, HostMode, HostRecord};
+use super::records::{zone_key, HostMode, HostRecord};
 use super::{lookup, now_ms, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -219,7 +219,7 @@ impl Inventory {
         for h in self.hosts.values().filter(|h| h.rec.zone == zone) {
             if h.state() == HostState::Ready || booting.contains_key(&h.rec.name) {
                 total += h.rec.capacity.memory_mib as f64 * h.rec.memory_overcommit;
-                allocated += self.allocated(h.rec.id).0.memory_mib as f64;
+                allocated += self.allocated(&h.rec.name).0.memory_mib as f64;
             }
         }
         (total, allocated)
@@ -347,7 +347,7 @@ impl App {
                     after_drain: HostMode::Maintenance,
                     ..h.rec.clone()
                 };
-                batch.put(host_key(&rec.name), &rec);
+                batch.put_host(rec.clone());
                 batch.event(
                     "power.abandoned",
                     format!("host/{}", rec.name),
@@ -360,7 +360,7 @@ impl App {
                     energy_saved_wh: inv.energy_saved_wh(&h.rec),
                     ..h.rec.clone()
                 };
-                batch.put(host_key(&rec.name), &rec);
+                batch.put_host(rec.clone());
                 standby.push((rec, true));
             }
         }
@@ -377,7 +377,6 @@ impl App {
                     reason: "power saving turned off".into(),
                 });
             }
-            inv.set_host_record(rec);
         }
         drop(inv);
         for p in on {
@@ -430,7 +429,7 @@ impl App {
             standby_since: None,
             ..entry.rec.clone()
         };
-        batch.put(host_key(&p.host), &rec);
+        batch.put_host(rec.clone());
         batch.event(
             "power.on",
             format!("host/{}", p.host),
@@ -442,7 +441,6 @@ impl App {
         );
         self.commit(&mut inv, batch).await?;
         let e = inv.hosts.get_mut(&p.host).expect("present");
-        e.rec = rec;
         // Whatever it said before standby is stale: it is down until it
         // reports (which makes it schedulable again).
         e.live.down = true;
@@ -576,21 +574,19 @@ impl App {
             return Ok(());
         }
         let mut batch = Batch::default();
-        let rec = match outcome {
+        match outcome {
             Ok(()) => {
                 mem.failed.remove(host);
-                let rec = HostRecord {
+                batch.put_host(HostRecord {
                     standby_since: Some(now_ms()),
                     ..entry.rec.clone()
-                };
-                batch.put(host_key(host), &rec);
+                });
                 batch.event(
                     "power.standby",
                     format!("host/{host}"),
-                    &rec.project,
+                    &entry.rec.project,
                     "switched off by power saving: the host was emptied; it is switched on when the zone needs it".into(),
                 );
-                Some(rec)
             }
             Err(why) => {
                 mem.failed.insert(host.to_string(), Instant::now());
@@ -600,13 +596,9 @@ impl App {
                     &entry.rec.project,
                     format!("{why}; tried again in {} s", RETRY_AFTER.as_secs()),
                 );
-                None
             }
-        };
-        self.commit(&mut inv, batch).await?;
-        if let Some(rec) = rec {
-            inv.hosts.get_mut(host).expect("present").rec = rec;
         }
+        self.commit(&mut inv, batch).await?;
         Ok(())
     }
 
@@ -616,7 +608,6 @@ impl App {
     async fn check_emptying(&self) -> Result<()> {
         let mut inv = self.inv.write().await;
         let mut batch = Batch::default();
-        let mut recs = Vec::new();
         for h in inv.hosts.values() {
             if emptying(&h.rec) {
                 let stuck = inv.vms_on(h.rec.id).find(|v| v.migration.is_none());
@@ -640,8 +631,7 @@ impl App {
                             vm.name
                         ),
                     );
-                    batch.put(host_key(&rec.name), &rec);
-                    recs.push(rec);
+                    batch.put_host(rec.clone());
                 }
             } else if h.rec.mode != HostMode::Standby && h.rec.standby_since.is_some() {
                 let rec = HostRecord {
@@ -649,14 +639,10 @@ impl App {
                     standby_since: None,
                     ..h.rec.clone()
                 };
-                batch.put(host_key(&rec.name), &rec);
-                recs.push(rec);
+                batch.put_host(rec.clone());
             }
         }
         self.commit(&mut inv, batch).await?;
-        for rec in recs {
-            inv.set_host_record(rec);
-        }
         Ok(())
     }
 
@@ -717,7 +703,7 @@ impl App {
             ..h.rec.clone()
         };
         let mut batch = Batch::default();
-        batch.put(host_key(&host), &rec);
+        batch.put_host(rec.clone());
         batch.event(
             "host.draining",
             format!("host/{host}"),
@@ -729,7 +715,6 @@ impl App {
             ),
         );
         self.commit(&mut inv, batch).await?;
-        inv.set_host_record(rec);
         for m in moves {
             let req = MigrateVm {
                 to: Some(m.to.clone()),

@@ -35,7 +35,6 @@
 //! controller killed in between loses nothing.
 
 use super::pages::{List, Pager};
-use super::records::{vm_key, vm_record};
 use super::{bump_generation, lookup, now_ms, App, Batch, Inventory};
 use crate::error::Result;
 use kumo_api::{
@@ -304,14 +303,11 @@ impl App {
             created_at: now_ms(),
         };
         let mut batch = Batch::default();
-        batch.put(vm_key(&vm.name), &vm);
-        let rec = match bump_generation(&inv, host.id, &mut batch) {
-            Ok(rec) => rec,
-            Err(e) => {
-                inv.cluster.release(&vm.name);
-                return Err(e);
-            }
-        };
+        batch.put_vm(vm.clone());
+        if let Err(e) = bump_generation(&inv, host.id, &mut batch) {
+            inv.cluster.release(&vm.name);
+            return Err(e);
+        }
         batch.event(
             "vm.created",
             format!("vm/{}", vm.name),
@@ -322,11 +318,10 @@ impl App {
             ),
         );
         if let Err(e) = self.commit(&mut inv, batch).await {
+            // The placement's reservation, if the commit did not take it over.
             inv.cluster.release(&vm.name);
             return Err(e);
         }
-        inv.put_vm(vm.clone());
-        self.install_host(&mut inv, rec);
         Ok(vm)
     }
 
@@ -358,8 +353,8 @@ impl App {
         }
         change(&mut vm)?;
         let mut batch = Batch::default();
-        batch.put(vm_key(name), &vm_record(&vm));
-        let rec = bump_generation(&inv, vm.host_id, &mut batch)?;
+        batch.put_vm(vm.clone());
+        bump_generation(&inv, vm.host_id, &mut batch)?;
         batch.event(
             &format!("vm.{verb}"),
             format!("vm/{name}"),
@@ -367,8 +362,6 @@ impl App {
             format!("{verb} requested"),
         );
         self.commit(&mut inv, batch).await?;
-        inv.put_vm(vm.clone());
-        self.install_host(&mut inv, rec);
         Ok(vm)
     }
 
