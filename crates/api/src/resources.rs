@@ -907,6 +907,88 @@ pub struct EventQuery {
     pub wait_seconds: Option<u64>,
 }
 
+/// The most items one page of a paged list (`GET /v1/vms`, `GET /v1/hosts`)
+/// holds.
+pub const MAX_PAGE: u32 = 5000;
+
+/// `GET /v1/vms`: which VMs, and which page of them. Filters combine (all
+/// must hold). Without `limit` the answer holds every matching VM.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct VmListQuery {
+    /// At most this many VMs in the answer (1–5000); the answer's `next`
+    /// then fetches the following page.
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 5000)]
+    pub limit: Option<u32>,
+    /// The `next` of the previous page, asked for with the same filters.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 512)]
+    pub page_token: Option<String>,
+    /// Only VMs in this state.
+    #[serde(default)]
+    #[param(inline)]
+    pub state: Option<VmState>,
+    /// Only VMs on this host.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
+    pub host: Option<String>,
+    /// Only VMs in this zone.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
+    pub zone: Option<String>,
+    /// Only VMs whose name starts with this.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
+    pub name: Option<String>,
+}
+
+/// `GET /v1/hosts`: which hosts, and which page of them; as [`VmListQuery`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct HostListQuery {
+    /// At most this many hosts in the answer (1–5000).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 5000)]
+    pub limit: Option<u32>,
+    /// The `next` of the previous page, asked for with the same filters.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 512)]
+    pub page_token: Option<String>,
+    /// Only hosts in this state.
+    #[serde(default)]
+    #[param(inline)]
+    pub state: Option<HostState>,
+    /// Only hosts in this zone.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
+    pub zone: Option<String>,
+    /// Only hosts whose name starts with this.
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 63)]
+    pub name: Option<String>,
+}
+
+/// A page of VMs, by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub items: Vec<Vm>,
+    /// Pass as `page_token` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// A page of hosts, by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostList {
+    pub items: Vec<Host>,
+    /// Pass as `page_token` for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
 /// A page of the event log, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EventPage {

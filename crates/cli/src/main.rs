@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use kumo_api::{
     CapacityQuery, CreateGroup, CreateJoinToken, CreateVm, CreateZone, DrainPlan, EventQuery, Host,
-    HostState, MigrateVm, MigrationOutcome, UpdateHost, Vm, VmState,
+    HostListQuery, HostState, MigrateVm, MigrationOutcome, UpdateHost, Vm, VmListQuery, VmState,
 };
 use kumo_client::Client;
 use output::{age, outln, Format};
@@ -181,8 +181,19 @@ struct UndrainArgs {
 
 #[derive(Subcommand)]
 enum HostCmd {
-    /// Capacity, allocation, load and state of every host.
-    List,
+    /// Capacity, allocation, load and state of every host (or those the
+    /// filters pick).
+    List {
+        /// Only hosts in this state (ready, down, disabled, draining, maintenance, standby).
+        #[arg(long, value_parser = parse_api::<HostState>)]
+        state: Option<HostState>,
+        /// Only hosts in this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only hosts whose name starts with this.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Show one host.
     Show {
         /// The host's name.
@@ -272,8 +283,22 @@ enum ImageCmd {
 
 #[derive(Subcommand)]
 enum VmCmd {
-    /// List every VM.
-    List,
+    /// Every VM (or those the filters pick), by name.
+    List {
+        /// Only VMs in this state (starting, running, stopping, stopped, rebooting, failed,
+        /// unknown, deleting, migrating).
+        #[arg(long, value_parser = parse_api::<VmState>)]
+        state: Option<VmState>,
+        /// Only VMs on this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only VMs in this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only VMs whose name starts with this.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Show one VM.
     Show {
         /// The VM's name.
@@ -419,9 +444,13 @@ enum EventCmd {
         /// Only events about this resource, e.g. vm/web.
         #[arg(long)]
         resource: Option<String>,
-        /// At most this many events.
+        /// How many of the newest events to show.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Then keep printing events as they happen, one per line (with
+        /// `-o json`, one JSON object per line), until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -513,7 +542,15 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Rebalance => out.rebalance(&client.rebalance_status().await?),
         Command::Host(cmd) => match cmd {
-            HostCmd::List => out.hosts(&client.hosts().await?),
+            HostCmd::List { state, zone, name } => {
+                let q = HostListQuery {
+                    state,
+                    zone,
+                    name,
+                    ..Default::default()
+                };
+                out.hosts(&client.hosts_where(&q).await?)
+            }
             HostCmd::Show { name } => out.one(&client.host(&name).await?, Format::hosts),
             HostCmd::Disable { name } => {
                 out.one(&client.host_enable(&name, false).await?, Format::hosts)
@@ -627,13 +664,32 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
             }
         }
-        Command::Event(EventCmd::List { resource, limit }) => {
-            let q = EventQuery {
+        Command::Event(EventCmd::List {
+            resource,
+            limit,
+            follow,
+        }) => {
+            let mut q = EventQuery {
                 limit: Some(limit),
                 resource,
                 ..Default::default()
             };
-            out.events(&client.events(&q).await?.items)
+            let page = client.events(&q).await?;
+            if !follow {
+                out.events(&page.items);
+                return Ok(());
+            }
+            out.event_lines(&page.items);
+            // Each answer's `next` is the cursor of the following request,
+            // so no event is shown twice or skipped.
+            q.after = Some(page.next);
+            q.limit = Some(FOLLOW_PAGE);
+            q.wait_seconds = Some(FOLLOW_WAIT_SECONDS);
+            loop {
+                let page = client.events(&q).await?;
+                out.event_lines(&page.items);
+                q.after = Some(page.next);
+            }
         }
     }
     Ok(())
@@ -641,8 +697,20 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
     let (vm, wait_for) = match cmd {
-        VmCmd::List => {
-            out.vms(&client.vms().await?);
+        VmCmd::List {
+            state,
+            host,
+            zone,
+            name,
+        } => {
+            let q = VmListQuery {
+                state,
+                host,
+                zone,
+                name,
+                ..Default::default()
+            };
+            out.vms(&client.vms_where(&q).await?);
             return Ok(());
         }
         VmCmd::Show { name } => (client.vm(&name).await?, None),
@@ -760,6 +828,16 @@ async fn vm(client: &Client, out: Format, cmd: VmCmd) -> Result<()> {
 fn api_enum<T: serde::de::DeserializeOwned>(name: String) -> Result<T> {
     Ok(serde_json::from_value(serde_json::Value::String(name))?)
 }
+
+/// A command-line value as the API enum of that name (`running`).
+fn parse_api<T: serde::de::DeserializeOwned>(name: &str) -> Result<T> {
+    api_enum(name.to_string())
+}
+
+/// `event list --follow`: events per request, and how long each request
+/// waits for new ones (the most the API allows).
+const FOLLOW_PAGE: usize = 1000;
+const FOLLOW_WAIT_SECONDS: u64 = 10;
 
 const WAIT_LIMIT: Duration = Duration::from_secs(300);
 

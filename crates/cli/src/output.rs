@@ -485,6 +485,23 @@ impl Format {
         );
     }
 
+    /// Events as they arrive: one line each, without a table's header
+    /// (a follower prints many batches), or one JSON object per line.
+    pub fn event_lines(self, events: &[Event]) {
+        for e in events {
+            match self {
+                Format::Json => outln!("{}", serde_json::to_string(e).expect("events serialize")),
+                Format::Table => outln!(
+                    "{:<8} {:<24} {:<20} {}",
+                    e.seq,
+                    printable(&e.kind),
+                    printable(&e.resource),
+                    printable(&e.message)
+                ),
+            }
+        }
+    }
+
     pub fn events(self, events: &[Event]) {
         if let Format::Json = self {
             return json(events);

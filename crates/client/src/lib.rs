@@ -74,6 +74,11 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The page size the client walks lists with: large enough that a walk
+/// of 100,000 VMs is 100 requests, small enough that one page is a few
+/// milliseconds of the controller's time.
+pub const PAGE: u32 = 1000;
+
 /// A name as one URL path segment: anything but unreserved characters is
 /// percent-encoded, so a name can never reach another endpoint.
 fn segment(name: &str) -> String {
@@ -199,6 +204,38 @@ impl Client {
         self.json(self.request(Method::POST, path)).await
     }
 
+    /// Every item of a paged list (`{"items": [...], "next": "<token>"}`):
+    /// asks for pages of [`PAGE`] with `filters` (a list query whose `limit`
+    /// and `page_token` are unset) until an answer has no `next`.
+    async fn all_pages<T: DeserializeOwned, F: Serialize>(
+        &self,
+        path: &str,
+        filters: &F,
+    ) -> Result<Vec<T>> {
+        #[derive(serde::Deserialize)]
+        struct Page<T> {
+            items: Vec<T>,
+            next: Option<String>,
+        }
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .request(Method::GET, path)
+                .query(filters)
+                .query(&[("limit", PAGE)]);
+            if let Some(t) = &token {
+                req = req.query(&[("page_token", t)]);
+            }
+            let page: Page<T> = self.json(req).await?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
     async fn delete(&self, path: &str) -> Result<()> {
         self.send(self.request(Method::DELETE, path))
             .await
@@ -261,7 +298,18 @@ impl Client {
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>> {
-        self.get("/v1/hosts").await
+        self.hosts_where(&HostListQuery::default()).await
+    }
+
+    /// Every host matching the query's filters, fetched page by page (its
+    /// `limit` and `page_token` are ignored).
+    pub async fn hosts_where(&self, q: &HostListQuery) -> Result<Vec<Host>> {
+        let filters = HostListQuery {
+            limit: None,
+            page_token: None,
+            ..q.clone()
+        };
+        self.all_pages("/v1/hosts", &filters).await
     }
 
     pub async fn host(&self, name: &str) -> Result<Host> {
@@ -364,7 +412,24 @@ impl Client {
     }
 
     pub async fn vms(&self) -> Result<Vec<Vm>> {
-        self.get("/v1/vms").await
+        self.vms_where(&VmListQuery::default()).await
+    }
+
+    /// One page of VMs (see [`VmListQuery`]).
+    pub async fn vm_page(&self, q: &VmListQuery) -> Result<VmList> {
+        self.json(self.request(Method::GET, "/v1/vms").query(q))
+            .await
+    }
+
+    /// Every VM matching the query's filters, fetched page by page (its
+    /// `limit` and `page_token` are ignored).
+    pub async fn vms_where(&self, q: &VmListQuery) -> Result<Vec<Vm>> {
+        let filters = VmListQuery {
+            limit: None,
+            page_token: None,
+            ..q.clone()
+        };
+        self.all_pages("/v1/vms", &filters).await
     }
 
     pub async fn vm(&self, name: &str) -> Result<Vm> {

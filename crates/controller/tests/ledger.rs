@@ -174,8 +174,13 @@ async fn run(app: &App, op: &Op) {
 
 /// Each host's allocation as recorded in the VMs themselves.
 async fn recorded(app: &App) -> BTreeMap<String, (Resources, u32)> {
-    let vms: Vec<kumo_api::Vm> =
-        serde_json::from_slice(&app.vm_list_json().await).expect("VM list");
+    let list = app
+        .vm_list_json(&Default::default())
+        .await
+        .expect("VM list");
+    let vms = serde_json::from_slice::<kumo_api::VmList>(&list)
+        .expect("VM list")
+        .items;
     let mut held: BTreeMap<String, (Resources, u32)> = HOSTS
         .iter()
         .map(|h| (h.to_string(), (Resources::default(), 0)))
@@ -206,8 +211,10 @@ proptest! {
             for op in &ops {
                 run(&app, op).await;
                 let ledger: BTreeMap<String, (Resources, u32)> = app
-                    .host_list()
+                    .host_list(&Default::default())
                     .await
+                    .expect("host list")
+                    .items
                     .into_iter()
                     .map(|h| (h.name, (h.allocated, h.vm_count)))
                     .collect();

@@ -16,8 +16,10 @@ async fn the_previous_releases_state_file_loads() {
     let (_dir, app) = support::load_fixture(|_| {}).await;
 
     let hosts: BTreeMap<String, kumo_api::Host> = app
-        .host_list()
+        .host_list(&Default::default())
         .await
+        .unwrap()
+        .items
         .into_iter()
         .map(|h| (h.name.clone(), h))
         .collect();

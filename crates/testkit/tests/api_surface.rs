@@ -3,21 +3,29 @@
 //! with the field named, nothing changed), the refusals the HTTP framework
 //! produces, and a property-based fuzzer run against the API document.
 
-use kumo_testkit::{wait_vm, SimCloud};
+use kumo_testkit::{vm_request, wait_vm, SimCloud};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn cloud() -> SimCloud {
     let cloud = SimCloud::with_vm().await.unwrap();
-    wait_vm(
-        &cloud.client,
-        "web",
-        kumo_api::VmState::Running,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    // A second VM, so that the VM list has a second page.
+    cloud
+        .client
+        .vm_create(&vm_request("web2", "tiny"))
+        .await
+        .unwrap();
+    for name in ["web", "web2"] {
+        wait_vm(
+            &cloud.client,
+            name,
+            kumo_api::VmState::Running,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
     cloud
 }
 
@@ -194,7 +202,12 @@ async fn snapshot(url: &str, admin: &str) -> Value {
         "/v1/zones/z1/power-saving",
     ] {
         let (_, _, mut v) = call(url, Method::GET, path, Some(&auth), None).await;
-        for item in v.as_array_mut().into_iter().flatten() {
+        // Paged lists hold theirs under `items`.
+        let items = match v.get_mut("items") {
+            Some(items) => items.as_array_mut(),
+            None => v.as_array_mut(),
+        };
+        for item in items.into_iter().flatten() {
             for moving in [
                 "load",
                 "last_heartbeat",
@@ -544,7 +557,21 @@ async fn malformed_input_names_its_field_and_changes_nothing() {
             "dry_run",
         ),
         (Method::POST, "/v1/zones/z1/undrain?returns=true", "returns"),
-        (Method::GET, "/v1/hosts?zone=z1", "zone"),
+        (Method::GET, "/v1/hosts?zones=z1", "zones"),
+        (Method::GET, "/v1/vms?owner=me", "owner"),
+        (Method::GET, "/v1/vms?state=sleeping", "state"),
+        (Method::GET, "/v1/hosts?state=running", "state"),
+        (Method::GET, "/v1/vms?limit=0", "limit"),
+        (Method::GET, "/v1/vms?limit=-1", "limit"),
+        (Method::GET, "/v1/vms?limit=5001", "limit"),
+        (Method::GET, "/v1/hosts?limit=5001", "limit"),
+        (Method::GET, "/v1/vms?page_token=", "page_token"),
+        (
+            Method::GET,
+            "/v1/vms?page_token=bm90IGEgdG9rZW4",
+            "page_token",
+        ),
+        (Method::GET, "/v1/vms?name=", "name"),
         (Method::GET, "/v1/capacity?vcpus=1", "memory_mib"),
         (
             Method::GET,
@@ -574,6 +601,22 @@ async fn malformed_input_names_its_field_and_changes_nothing() {
         (StatusCode::BAD_REQUEST, Some("name"))
     );
     assert!(err["message"].as_str().unwrap().len() < 200, "{err}");
+    // A page token used on another list, or with other filters.
+    let (status, _, page) = call(&url, Method::GET, "/v1/vms?limit=1", Some(&admin), None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let token = page["next"].as_str().unwrap().to_string();
+    for path in [
+        format!("/v1/hosts?page_token={token}"),
+        format!("/v1/vms?page_token={token}&state=running"),
+        format!("/v1/vms?page_token={token}&name=w"),
+    ] {
+        let (status, _, err) = call(&url, Method::GET, &path, Some(&admin), None).await;
+        assert_eq!(
+            (status, err["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("page_token")),
+            "{path}: {err}"
+        );
+    }
     let resource = format!("/v1/events?resource={}", "r".repeat(200));
     let (status, _, err) = call(&url, Method::GET, &resource, Some(&admin), None).await;
     assert_eq!(

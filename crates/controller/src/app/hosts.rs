@@ -11,13 +11,15 @@
 //! a fresh grace period instead of being declared down for the time the
 //! controller itself was away.
 
+use super::pages::{List, Pager};
 use super::records::{host_key, HostMode, HostRecord, HOST_RECORD_VERSION};
 use super::transitions::{self, HostRequest};
 use super::{lookup, now_ms, random_secret, sha256_hex, App, Batch, HostEntry, Inventory};
 use crate::error::Result;
 use kumo_api::{
-    validate_name, ApiError, DesiredState, ErrorCode, Host, MigrationPhase, MigrationSpec,
-    RegisterHost, RegisterHostResponse, UpdateHost, VmSpec, VmState, DEFAULT_PROJECT,
+    validate_name, ApiError, DesiredState, ErrorCode, Host, HostList, HostListQuery,
+    MigrationPhase, MigrationSpec, RegisterHost, RegisterHostResponse, UpdateHost, VmSpec, VmState,
+    DEFAULT_PROJECT,
 };
 use std::time::Duration;
 use uuid::Uuid;
@@ -105,9 +107,21 @@ impl Inventory {
 }
 
 impl App {
-    pub async fn host_list(&self) -> Vec<Host> {
+    /// A page of the hosts matching the query; paging as in
+    /// [`super::pages`]. Errors: a page token that is not this query's
+    /// (invalid input naming `page_token`).
+    pub async fn host_list(&self, q: &HostListQuery) -> Result<HostList> {
+        let filters = (&q.state, &q.zone, &q.name);
+        let pager = Pager::new(List::Hosts, q.limit, q.page_token.as_deref(), &filters)?;
         let inv = self.inv.read().await;
-        inv.hosts.values().map(|h| inv.host_view(h)).collect()
+        let (items, next) = pager.page(&inv.hosts, q.name.as_deref(), |h| {
+            if q.zone.as_ref().is_some_and(|z| *z != h.rec.zone) {
+                return None;
+            }
+            let host = inv.host_view(h);
+            q.state.is_none_or(|s| s == host.state).then_some(host)
+        });
+        Ok(HostList { items, next })
     }
 
     pub async fn host_get(&self, name: &str) -> Result<Host> {

@@ -18,6 +18,7 @@ pub mod join_tokens;
 pub mod machine;
 pub mod migrations;
 pub mod overlaps;
+pub mod pages;
 pub mod passes;
 pub mod power;
 pub mod rebalance;

@@ -1001,7 +1001,7 @@ pub(crate) mod wake_tests {
                 e.message
             );
             t.app.power_pass().await.unwrap();
-            let hosts = t.app.host_list().await;
+            let hosts = t.app.host_list(&Default::default()).await.unwrap().items;
             let state = |n: &str| hosts.iter().find(|h| h.name == n).unwrap().state;
             assert_eq!(state("s1"), HostState::Standby, "pass {pass}");
             assert_eq!(state("s2"), HostState::Standby, "pass {pass}");

@@ -3,7 +3,9 @@ use crate::error::Result;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, DrainParams, DrainPlan, Host, UndrainParams, UpdateHost};
+use kumo_api::{
+    ApiError, DrainParams, DrainPlan, Host, HostList, HostListQuery, UndrainParams, UpdateHost,
+};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
@@ -16,10 +18,12 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
         .route("/v1/hosts/{name}/undrain", post(undrain))
 }
 
-/// List hosts with capacity, allocation, load and state.
-#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = [Host])))]
-pub async fn list(state: AppState) -> Json<Vec<Host>> {
-    Json(state.host_list().await)
+/// List hosts by name with capacity, allocation, load and state, filtered.
+/// Paged as `GET /v1/vms`.
+#[utoipa::path(get, path = "/v1/hosts", params(HostListQuery),
+    responses((status = 200, body = HostList), (status = 400, body = ApiError)))]
+pub async fn list(state: AppState, ApiQuery(q): ApiQuery<HostListQuery>) -> Result<Json<HostList>> {
+    Ok(Json(state.host_list(&q).await?))
 }
 
 /// Show a host.

@@ -1,4 +1,4 @@
-use super::{ApiJson, ApiPath, AppState};
+use super::{ApiJson, ApiPath, ApiQuery, AppState};
 use crate::error::Result;
 use axum::body::Body;
 use axum::extract::Request;
@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kumo_api::{ApiError, ConsoleLog, CreateVm, ErrorCode, MigrateVm, Vm};
+use kumo_api::{ApiError, ConsoleLog, CreateVm, ErrorCode, MigrateVm, Vm, VmList, VmListQuery};
 use std::sync::Arc;
 
 pub fn routes() -> Router<Arc<crate::app::App>> {
@@ -22,13 +22,19 @@ pub fn routes() -> Router<Arc<crate::app::App>> {
         .route("/v1/vms/{name}/console", get(console))
 }
 
-/// List VMs.
-#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = [Vm])))]
-pub async fn list(state: AppState) -> impl axum::response::IntoResponse {
-    (
+/// List VMs by name, filtered. With `limit`, one page: pass the answer's
+/// `next` as `page_token` (with the same filters) for the next; without it,
+/// every matching VM in one answer.
+#[utoipa::path(get, path = "/v1/vms", params(VmListQuery),
+    responses((status = 200, body = VmList), (status = 400, body = ApiError)))]
+pub async fn list(
+    state: AppState,
+    ApiQuery(q): ApiQuery<VmListQuery>,
+) -> Result<impl axum::response::IntoResponse> {
+    Ok((
         [(header::CONTENT_TYPE, "application/json")],
-        state.vm_list_json().await,
-    )
+        state.vm_list_json(&q).await?,
+    ))
 }
 
 /// Create a VM: placed on a host at once, started unless `start` is false.
