@@ -28,6 +28,7 @@ struct Args {
     /// URL the controller uses to reach the agent (default: from --listen).
     #[arg(long)]
     advertise: Option<String>,
+    /// The hypervisor driver: real QEMU guests, or simulated hosts.
     #[arg(long, value_enum, default_value = "qemu")]
     driver: DriverKind,
     /// With `--driver sim`: run this many simulated hosts in this process,
@@ -35,6 +36,7 @@ struct Args {
     /// (no console endpoint; new states arrive with heartbeat answers).
     #[arg(long)]
     sim_hosts: Option<u32>,
+    /// The accelerator QEMU guests run under.
     #[arg(long, value_enum, default_value = "auto")]
     accel: Accel,
     /// Report this many CPUs instead of the measured count.

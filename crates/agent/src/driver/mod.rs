@@ -27,9 +27,12 @@ pub enum DriverKind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
-    /// KVM if a guest actually runs under it, else TCG.
+    /// KVM if empty machines boot through their firmware under it every
+    /// time (see the probe in `qemu.rs`), else TCG.
     Auto,
+    /// KVM, without probing.
     Kvm,
+    /// TCG: QEMU's own translator, slow but available everywhere.
     Tcg,
 }
 

@@ -190,16 +190,41 @@ pub fn live_pid(dir: &Path) -> Option<i32> {
         .then_some(pid)
 }
 
-/// Whether a guest really runs under KVM here: `/dev/kvm` existing is not
-/// enough (some hosts fail at the first instruction with "KVM internal
-/// error"), so boot an empty machine under KVM and see whether it keeps
-/// running.
+/// Whether guests really run under KVM here: `/dev/kvm` existing is not
+/// enough, and neither is QEMU calling a machine `running`. On some hosts
+/// a KVM guest stalls in its firmware ("KVM internal error") while QEMU
+/// still reports it running, and not every time: of three boots one may
+/// get through. So boot an empty machine [`KVM_PROBE_BOOTS`] times and
+/// count KVM as working only if every boot gets through its firmware.
 async fn kvm_works(data_dir: &Path) -> bool {
     if !Path::new("/dev/kvm").exists() {
         return false;
     }
-    let sock = data_dir.join("kvm-probe.sock");
-    let _ = std::fs::remove_file(&sock);
+    let log = data_dir.join("kvm-probe.log");
+    let mut works = true;
+    for _ in 0..KVM_PROBE_BOOTS {
+        if !firmware_boots_under_kvm(&log).await {
+            works = false;
+            break;
+        }
+    }
+    tracing::info!(works, "KVM probe");
+    works
+}
+
+/// Boots of an empty machine the KVM probe needs, all good, to use KVM.
+const KVM_PROBE_BOOTS: usize = 5;
+
+/// How long one probe boot may take to reach the boot loader.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether an empty machine under KVM gets as far as trying to boot within
+/// [`KVM_PROBE_TIMEOUT`]. SeaBIOS logs its progress on the debug console
+/// at I/O port 0x402 (SeaBIOS docs, "Debugging"), and writes "Booting
+/// from" only once the whole platform setup has run; under working KVM
+/// that takes well under a second. `log` receives that debug console.
+async fn firmware_boots_under_kvm(log: &Path) -> bool {
+    let _ = tokio::fs::remove_file(log).await;
     let child = tokio::process::Command::new(BINARY)
         .args([
             "-accel",
@@ -214,23 +239,27 @@ async fn kvm_works(data_dir: &Path) -> bool {
             "-display",
             "none",
             "-no-reboot",
+            "-global",
+            "isa-debugcon.iobase=0x402",
         ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .arg("-debugcon")
+        .arg(format!("file:{}", log.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn();
     let Ok(mut child) = child else { return false };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let works = match Qmp::connect(&sock).await {
-        Ok(qmp) => qmp.query_status().await.is_ok_and(|s| s.running),
-        Err(_) => false,
-    };
+    let deadline = tokio::time::Instant::now() + KVM_PROBE_TIMEOUT;
+    let mut booted = false;
+    while !booted && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        booted = tokio::fs::read(log)
+            .await
+            .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains("Booting from"));
+    }
     let _ = child.kill().await;
-    let _ = std::fs::remove_file(&sock);
-    tracing::info!(works, "KVM probe");
-    works
+    let _ = tokio::fs::remove_file(log).await;
+    booted
 }
 
 pub struct QemuGuest {
