@@ -214,10 +214,10 @@ enum HostCmd {
         /// The host's name.
         name: String,
         /// Shared vCPUs per core.
-        #[arg(long)]
+        #[arg(long, value_parser = finite)]
         cpu_overcommit: Option<f64>,
         /// Memory promised per byte of memory.
-        #[arg(long)]
+        #[arg(long, value_parser = finite)]
         memory_overcommit: Option<f64>,
     },
     /// Remove a host without VMs from the pool.
@@ -469,12 +469,26 @@ async fn main() {
         } else {
             ""
         };
-        eprintln!("error: {}{hint}", output::printable(&chain.join(": ")));
+        // Lines stay lines (a requirement's error points at its column on
+        // the next one); every other control character is shown escaped.
+        let message: Vec<String> = chain.join(": ").lines().map(output::printable).collect();
+        eprintln!("error: {}{hint}", message.join("\n"));
         std::process::exit(1);
     }
 }
 
 /// `KEY=VALUE`.
+/// A flag's number that must be finite: `NaN` and `inf` parse as `f64`
+/// but JSON cannot carry them (serde_json writes them as `null`, which the
+/// API reads as "unchanged").
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err("not a finite number".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1196,6 +1210,24 @@ mod tests {
             err.contains("'--disk <SIZE>'") && err.contains("not a whole number of GiB"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn overcommit_ratios_must_be_finite() {
+        let cli = parse(&["host", "set", "h1", "--cpu-overcommit", "2.5"]).unwrap();
+        let Command::Host(HostCmd::Set { cpu_overcommit, .. }) = cli.command else {
+            panic!("host set");
+        };
+        assert_eq!(cpu_overcommit, Some(2.5));
+        for bad in ["NaN", "inf", "infinity"] {
+            for flag in ["--cpu-overcommit", "--memory-overcommit"] {
+                let err = parse(&["host", "set", "h1", flag, bad])
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(err.contains("not a finite number"), "{flag} {bad}: {err}");
+            }
+        }
     }
 
     #[test]
