@@ -673,6 +673,17 @@ mod tests {
         }
     }
 
+    /// SQLite's plan for `sql` with `params`, its steps joined by "; ".
+    fn query_plan(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(params, |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        plan.join("; ")
+    }
+
     #[test]
     fn range_uses_the_primary_key() {
         let store = SqliteStore::in_memory().unwrap();
@@ -681,16 +692,7 @@ mod tests {
             format!("SELECT {KV_COLUMNS} FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key"),
             "DELETE FROM kv WHERE key >= ?1 AND key < ?2 RETURNING key".to_owned(),
         ] {
-            let mut stmt = state
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let plan: Vec<String> = stmt
-                .query_map(params!["a/", "a0"], |row| row.get(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            let plan = plan.join("; ");
+            let plan = query_plan(&state.conn, &sql, params!["a/", "a0"]);
             assert!(
                 plan.contains("SEARCH kv USING PRIMARY KEY (key>? AND key<?)"),
                 "{sql}: {plan}"
@@ -705,16 +707,7 @@ mod tests {
         let state = store.shared.lock_state();
         for order in [Order::Ascending, Order::Descending] {
             let sql = page_sql(true, true, order);
-            let mut stmt = state
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let plan: Vec<String> = stmt
-                .query_map(params!["a/", "a0", "a/5", 10], |row| row.get(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-            let plan = plan.join("; ");
+            let plan = query_plan(&state.conn, &sql, params!["a/", "a0", "a/5", 10]);
             assert!(
                 plan.contains("SEARCH kv USING PRIMARY KEY"),
                 "{sql}: {plan}"
